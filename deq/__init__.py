@@ -1,0 +1,14 @@
+"""deq: deep equilibrium models in PyTorch.
+
+``solve`` finds fixed points with a pluggable root-finder; ``DEQLayer`` wraps an
+equilibrium function as an ``nn.Module`` that trains through implicit or
+phantom gradients in memory that does not grow with the number of iterations.
+"""
+
+from .solvers import (Anderson, Broyden, FixedPoint, NonFiniteError, SolverResult, get_solver, solve,
+                      solver_names)
+
+__version__ = "0.1.0"
+
+__all__ = ["Anderson", "Broyden", "FixedPoint", "NonFiniteError", "SolverResult", "get_solver", "solve",
+           "solver_names", "__version__"]
