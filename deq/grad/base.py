@@ -1,0 +1,127 @@
+"""What every backward pass shares: the base class, the registry, the adjoint hook.
+
+A backward object receives the detached fixed point ``z*`` and returns a tensor
+(or tuple) whose autograd graph yields the gradient it promises. Backward
+objects know nothing of how ``z*`` was found.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..solvers.base import SolverResult, State, _flatten, _spec_of, _unflatten
+
+_REGISTRY: dict[str, Callable[[], "Backward"]] = {}
+
+Report = Callable[[SolverResult], None]
+
+
+class Backward:
+    """Base class: ``attach(f, z_star, x) -> z`` with the promised gradient.
+
+    Subclasses are frozen dataclasses of their options. Those that keep a single
+    graph of ``f`` and rewrite the gradient flowing into it (Implicit, NPG)
+    implement ``adjoint(vjp, v, report)``: given ``v = dL/df(z*)`` (flat
+    ``(B, D)``) and ``vjp(u) = u^T J_f(z*)``, return the vector to push through
+    the graph of ``f`` instead of ``v``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def attach(self, f: Callable[[State, Any], State], z_star: State, x: Any, *,
+               report: Report | None = None) -> State:
+        """Re-attach ``z_star`` to the graph of ``f`` through :class:`_AdjointFn`."""
+        return _attach_adjoint(self, f, z_star, x, report)
+
+    def adjoint(self, vjp: Callable[[Tensor], Tensor], v: Tensor, report: Report | None) -> Tensor:
+        raise NotImplementedError  # abstract
+
+
+def register(name: str, factory: Callable[[], Backward] | None = None):
+    """Make a backward pass buildable by ``name`` (``backward="name"``)."""
+
+    def deco(cls):
+        if isinstance(cls, type):
+            cls.name = name
+        _REGISTRY[name] = factory or cls
+        return cls
+
+    return deco
+
+
+def backward_names() -> list[str]:
+    """The names accepted by ``backward=`` (sorted)."""
+    return sorted(_REGISTRY)
+
+
+def get_backward(backward: "Backward | str") -> Backward:
+    """A backward object from an object or a registered name.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+        TypeError: neither a name nor a :class:`Backward`.
+    """
+    if isinstance(backward, Backward):
+        return backward
+    if isinstance(backward, str):
+        if backward not in _REGISTRY:
+            raise ValueError(f"unknown backward {backward!r}; known backward passes: {', '.join(backward_names())}")
+        return _REGISTRY[backward]()
+    raise TypeError(f"backward must be a Backward or one of {backward_names()}, got {type(backward).__name__}")
+
+
+def as_tuple(z: State) -> tuple[Tensor, ...]:
+    return z if isinstance(z, tuple) else (z,)
+
+
+def detached_input(z_star: State) -> State:
+    """``z*`` as new leaves that require grad (no copy): the linearisation point."""
+    parts = tuple(t.detach().requires_grad_() for t in as_tuple(z_star))
+    return parts if isinstance(z_star, tuple) else parts[0]
+
+
+def _attach_adjoint(obj: Backward, f, z_star: State, x: Any, report: Report | None) -> State:
+    z_in = detached_input(z_star)
+    with torch.enable_grad():
+        fz = f(z_in, x)
+    fz_parts, z_parts = as_tuple(fz), as_tuple(z_in)
+    out = _AdjointFn.apply(obj, report, len(fz_parts), *fz_parts, *z_parts)
+    return tuple(out) if isinstance(z_star, tuple) else out[0]
+
+
+class _AdjointFn(torch.autograd.Function):
+    """Identity on ``f(z*)`` whose backward replaces ``v`` by ``obj.adjoint(vjp, v)``.
+
+    Inputs are ``f(z*)`` (with its graph) and the leaf ``z*`` it was computed
+    from. The VJPs ``u^T J_f(z*)`` reuse that one graph (``retain_graph``); the
+    engine then sends the adjoint through the same graph to the parameters and
+    ``x``. So the whole backward keeps one graph of ``f``, linearised at the
+    very ``z*`` the forward returned.
+    """
+
+    @staticmethod
+    def forward(ctx, obj, report, n, *tensors):
+        ctx.obj, ctx.report, ctx.n = obj, report, n
+        ctx.save_for_backward(*tensors)
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        fz, z_in = saved[:ctx.n], saved[ctx.n:]
+        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, fz))
+        spec = _spec_of(grads if len(grads) > 1 else grads[0])
+        z_spec = _spec_of(z_in if len(z_in) > 1 else z_in[0])
+
+        def vjp(u: Tensor) -> Tensor:
+            us = as_tuple(_unflatten(u, spec))
+            gs = torch.autograd.grad(fz, z_in, us, retain_graph=True, allow_unused=True)
+            gs = tuple(torch.zeros_like(z) if g is None else g for g, z in zip(gs, z_in))
+            return _flatten(gs if len(gs) > 1 else gs[0], z_spec)
+
+        v = _flatten(grads if len(grads) > 1 else grads[0], spec)
+        adj = as_tuple(_unflatten(ctx.obj.adjoint(vjp, v, ctx.report), spec))
+        return (None, None, None, *adj, *(None,) * len(z_in))

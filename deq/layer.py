@@ -1,0 +1,223 @@
+"""DEQLayer: the nn.Module that returns the fixed point of a user's function."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .grad.base import Backward, as_tuple, get_backward
+from .solvers.base import (SolverResult, State, Solver, _check_budget, _flatten, _spec_of, get_solver,
+                           residual, solve)
+
+POLICIES = ("ignore", "warn", "raise")
+
+
+class ConvergenceError(RuntimeError):
+    """A solve did not reach its tolerance and the layer's policy is ``"raise"``."""
+
+
+class _RngReplay:
+    """Restores the RNG state captured at the start of a layer call before each f-call.
+
+    So every evaluation of ``f`` in one call (solver iterations, the re-attached
+    call, UPG's unrolled steps) draws the same random numbers: a plain
+    ``nn.Dropout`` inside ``f`` keeps one mask for the whole call.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.cpu_state = torch.get_rng_state()
+        self.dev_state = torch.cuda.get_rng_state(device) if self.cuda else None
+
+    def __call__(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.dev_state, self.device)
+
+
+class _Call:
+    """``f`` bound to ``x`` (and the RNG replay), in the form ``solve`` takes."""
+
+    def __init__(self, f: Callable, x: Any, replay: _RngReplay | None):
+        self.f, self.x, self.replay = f, x, replay
+
+    def __call__(self, z: State, x: Any = None) -> State:
+        if self.replay is not None:
+            self.replay()
+        return self.f(z, self.x if x is None else x)
+
+
+class DEQLayer(nn.Module):
+    """A deep equilibrium layer: ``z* = f(z*, x)``, differentiated without unrolling.
+
+    The forward finds ``z*`` with ``solver`` under ``torch.no_grad`` (no graph of
+    the iterations is kept), then hands the detached ``z*`` to ``backward``, which
+    re-attaches it to autograd with the gradient it promises: exact implicit
+    differentiation (:class:`deq.grad.Implicit`) or a phantom gradient
+    (:class:`deq.grad.UPG`, :class:`deq.grad.NPG`, ``JFB``). Memory does not grow
+    with the number of solver iterations.
+
+    Contract for ``f``:
+        * called as ``f(z, x)``; ``z`` has the structure of ``z0`` (a tensor or a
+          tuple of tensors, batch first), ``x`` is passed through untouched;
+          ``f`` returns the structure, shapes and dtypes of ``z``.
+        * ``f`` must be a deterministic function of ``(z, x)`` within one layer
+          call. Random ops (dropout) are made so by default: with
+          ``fix_rng=True`` the RNG state is captured at the start of each call
+          and restored before every f-call, so all solver iterations, the
+          re-attached call and the backward pass see the same masks; the next
+          call draws new ones. Models that draw masks explicitly per segment
+          (``deq.models.dropout``) may turn it off.
+        * per-sample stopping assumes samples do not interact inside ``f``
+          (no batch statistics); otherwise set ``tol`` so all stop together.
+        * ``f`` may be ``torch.compile``-d; it is called with and without grad
+          mode, so expect one compile per mode.
+
+    Args:
+        f: the equilibrium function, an ``nn.Module`` (registered as ``self.f``,
+            its parameters are the layer's) or any callable.
+        solver: forward solver object or name (``deq.solver_names()``).
+        backward: backward object or name (``deq.grad.backward_names()``).
+        tol: forward tolerance in training mode.
+        max_iter: forward iteration budget in training mode.
+        eval_tol: tolerance in eval mode (default ``tol``).
+        eval_max_iter: budget in eval mode (default ``max_iter``).
+        stop_mode: ``"rel"`` or ``"abs"`` (see :mod:`deq.solvers.base`).
+        on_nonconvergence: ``"warn"`` (once per layer, with the residual),
+            ``"ignore"`` or ``"raise"`` (:class:`ConvergenceError`); applies to
+            the forward and to Implicit's backward solve.
+        unroll_steps: ``None`` for DEQ mode; an integer ``L`` runs ``f`` exactly
+            ``L`` times from ``z0`` with ordinary autograd (the explicit
+            weight-tied network: pretraining and the baseline). An attribute:
+            set it to ``None`` to switch to DEQ mode.
+        fix_rng: replay the RNG state for every f-call of one layer call.
+
+    Raises:
+        ValueError: unknown names, invalid budgets or policy.
+
+    Example:
+        >>> layer = DEQLayer(MyCell(), solver=Anderson(m=5), backward=Implicit(tol=1e-6),
+        ...                  tol=1e-4, max_iter=30, eval_max_iter=60)
+        >>> z = layer(x)                       # z0 defaults to zeros_like(x)
+        >>> layer.last_result.nstep            # forward statistics; .backward after backward()
+
+    References:
+        Bai, Kolter, Koltun, Deep Equilibrium Models, NeurIPS 2019.
+    """
+
+    def __init__(self, f: Callable[[State, Any], State], *, solver: Solver | str = "anderson",
+                 backward: Backward | str = "implicit", tol: float = 1e-4, max_iter: int = 30,
+                 eval_tol: float | None = None, eval_max_iter: int | None = None, stop_mode: str = "rel",
+                 on_nonconvergence: str = "warn", unroll_steps: int | None = None, fix_rng: bool = True):
+        super().__init__()
+        if not callable(f):
+            raise TypeError(f"f must be callable, got {type(f).__name__}")
+        self.f = f  # nn.Module assignment registers it
+        self.solver = get_solver(solver)
+        self.backward = get_backward(backward)
+        self.eval_tol = tol if eval_tol is None else eval_tol
+        self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
+        _check_budget(tol, max_iter, stop_mode)
+        _check_budget(self.eval_tol, self.eval_max_iter, stop_mode)
+        if on_nonconvergence not in POLICIES:
+            raise ValueError(f"unknown on_nonconvergence {on_nonconvergence!r}; known: {', '.join(POLICIES)}")
+        self.tol, self.max_iter, self.stop_mode = tol, max_iter, stop_mode
+        self.on_nonconvergence = on_nonconvergence
+        self.unroll_steps = unroll_steps
+        self.fix_rng = fix_rng
+        self.last_result: SolverResult | None = None
+        self._warned = False
+
+    def extra_repr(self) -> str:
+        return (f"solver={self.solver}, backward={self.backward}, tol={self.tol}, max_iter={self.max_iter}, "
+                f"eval_tol={self.eval_tol}, eval_max_iter={self.eval_max_iter}, stop_mode={self.stop_mode!r}, "
+                f"unroll_steps={self.unroll_steps}")
+
+    def forward(self, x: Any, z0: State | None = None) -> State:
+        """Return the equilibrium ``z*`` for input ``x``, structured like ``z0``.
+
+        Args:
+            x: the input injected into ``f`` (anything ``f`` accepts).
+            z0: initial guess; defaults to ``zeros_like(x)`` when ``x`` is a tensor.
+
+        Returns:
+            ``z`` with the structure of ``z0``: ``f(z*, x)`` re-attached for
+            Implicit/NPG/JFB, ``k`` damped steps from ``z*`` for UPG, ``f``
+            applied ``unroll_steps`` times in unrolled mode.
+
+        Raises:
+            ValueError: ``z0`` missing for a non-tensor ``x``, or ``f`` returned
+                another shape/dtype; see :func:`deq.solve`.
+            NonFiniteError: ``f`` produced NaN/inf (forward or backward).
+            ConvergenceError: not converged and ``on_nonconvergence="raise"``.
+        """
+        if z0 is None:
+            if not isinstance(x, Tensor):
+                raise ValueError("z0 is required when x is not a tensor (the default is zeros_like(x))")
+            z0 = torch.zeros_like(x)
+        device = as_tuple(z0)[0].device
+        replay = _RngReplay(device) if self.fix_rng and self.training else None
+        call = _Call(self.f, x, replay)
+        if self.unroll_steps is not None:
+            return self._unrolled(call, z0)
+
+        tol, max_iter = (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
+        res = solve(call, z0, solver=self.solver, tol=tol, max_iter=max_iter, stop_mode=self.stop_mode)
+        res = res.detach()
+        self.last_result = res
+        self._apply_policy(res, "forward")
+        if not torch.is_grad_enabled():
+            return call(res.z)
+        return self.backward.attach(call, res.z, x, report=self._reporter(res))
+
+    def _unrolled(self, call: _Call, z0: State) -> State:
+        """``f`` applied ``unroll_steps`` times with autograd; records the residual trace."""
+        steps = self.unroll_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"unroll_steps must be None or an integer >= 1, got {steps!r}")
+        spec = _spec_of(z0)
+        z, trace, prev = z0, [], _flatten(z0, spec).detach()
+        for _ in range(steps):
+            z = call(z)
+            cur = _flatten(z, spec).detach()
+            trace.append(residual(prev, cur, self.stop_mode))
+            prev = cur
+        trace = torch.stack(trace)
+        batch = trace.shape[1]
+        final = trace[-1]
+        detached = tuple(t.detach() for t in z) if isinstance(z, tuple) else z.detach()
+        self.last_result = SolverResult(
+            z=detached, nstep=torch.full((batch,), steps, dtype=torch.int64, device=final.device),
+            residual=final, converged=final <= self.tol, trace=trace,
+            best_step=torch.full((batch,), steps - 1, dtype=torch.int64, device=final.device),
+            n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=self.tol)
+        return z
+
+    def _reporter(self, fwd: SolverResult) -> Callable[[SolverResult], None]:
+        def report(bwd: SolverResult) -> None:
+            bwd = bwd.detach()
+            if self.last_result is fwd:
+                self.last_result = dataclasses.replace(fwd, backward=bwd)
+            self._apply_policy(bwd, "backward")
+
+        return report
+
+    def _apply_policy(self, res: SolverResult, stage: str) -> None:
+        if self.on_nonconvergence == "ignore" or (self.on_nonconvergence == "warn" and self._warned):
+            return
+        n_bad, worst = torch.stack([(~res.converged).sum().to(res.residual.dtype),
+                                    res.residual.max()]).tolist()
+        if n_bad == 0:
+            return
+        msg = (f"DEQLayer {stage} solve ({res.solver}) did not converge for {int(n_bad)} of "
+               f"{res.residual.numel()} samples in {res.n_iter} iterations: max residual {worst:.3g} > tol "
+               f"{res.tol:g} ({res.stop_mode})")
+        if self.on_nonconvergence == "raise":
+            raise ConvergenceError(msg)
+        self._warned = True
+        warnings.warn(msg + "; this warning is shown once per layer", RuntimeWarning, stacklevel=3)
