@@ -1,0 +1,487 @@
+"""DEQ-Transformer language model (Bai, Kolter, Koltun, 2019) on Transformer-XL attention.
+
+The model is a single weight-tied Transformer-XL block ``f`` whose fixed point
+over the tokens of a segment is the hidden representation::
+
+    z* = f(z*, x),     x = (u, memory, positional embedding)
+
+**State layout.** ``z`` is ``(B, L, d_model)``: batch first, then time, then
+channels, so that ``nn.Linear`` acts on the last dimension and the DEQ solver
+sees one flattened sample per row. Memory tensors are ``(B, M, ...)`` likewise.
+
+**Once per segment, outside the solver** (in :meth:`DEQTransformerLM.forward`):
+the token embedding (adaptive or plain, scaled by ``sqrt(d_model)``) with
+variational dropout; the injection ``u = W_u emb + b_u`` of width
+``3 * n_head * d_head`` that is added to the queries, keys and values; the
+sinusoidal relative positional embedding (with a dropout mask shared over
+positions); the dropout masks used inside ``f`` (hidden, attention and FFN);
+and the weight-normalised weights (:func:`deq.models.weight_norm.cached_weights`).
+All of these are fixed while the solver iterates and through the backward
+pass, so ``f`` is one deterministic function per segment.
+
+**The block** ``f(z, x)`` (:class:`DEQTransformerBlock`), with ``c = [mem ; z]``
+(``M + L`` positions) and post-LN (the default)::
+
+    q, k, v = split(W_qkv c + [u_mem ; u])      # q only for the L segment positions
+    a_ij    = (q_i + b_w)^T k_j + (q_i + b_r)^T W_r R_{i+M-j}   (j <= i + M, else -inf)
+    h       = LN(z + drop(W_o softmax(a / sqrt(d_head)) v))
+    f(z, x) = LN(h + drop(W_2 drop(relu(W_1 h + b_1)) + b_2))
+
+``R_d`` is the sinusoidal embedding of the relative distance ``d``; ``b_w`` and
+``b_r`` are Transformer-XL's learned content and position biases
+(``r_w_bias``, ``r_r_bias``). With ``pre_lnorm`` the LayerNorms move to the
+inputs of the attention (over ``[mem ; z]``) and of the FFN, and the outputs are
+plain residual sums, as in the DEQ code. LayerNorms have no affine parameters
+(as in the DEQ-Transformer code): the block's scale lives in the weight norms.
+
+**Memory** (segment-level recurrence, Transformer-XL): after a segment, the
+last ``mem_len`` positions of ``[mem ; z*]`` and of the injections
+``[u_mem ; u]`` are kept, detached, as :class:`TransformerMemory`. A segment
+depends on the previous ones only through that memory.
+
+**Explicit twin**: ``model.deq.unroll_steps = n`` applies ``f`` ``n`` times from
+``z = 0`` with ordinary autograd (the pretraining phase and the baseline);
+``None`` switches back to the DEQ.
+
+References:
+    Bai, Kolter, Koltun, Deep Equilibrium Models (NeurIPS 2019);
+    Dai et al., Transformer-XL: Attentive Language Models Beyond a Fixed-Length Context (ACL 2019);
+    Baevski & Auli, Adaptive Input Representations for Neural Language Modeling (ICLR 2019).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layer import DEQLayer
+from .adaptive import AdaptiveEmbedding, AdaptiveSoftmax
+from .dropout import VariationalDropout, locked_dropout
+# One LMOutput for both language models (defined first by the TrellisNet model).
+from .trellisnet import LMOutput
+from .weight_norm import apply_weight_norm, cached_weights
+
+__all__ = ["DEQTransformerBlock", "DEQTransformerLM", "LMOutput", "TRANSFORMER_PRESETS",
+           "TransformerInput", "TransformerMemory", "rel_shift", "sinusoid_embedding"]
+
+
+class TransformerMemory(NamedTuple):
+    """Segment-level memory handed from one segment to the next (detached).
+
+    Attributes:
+        z: ``(B, M, d_model)`` equilibria of the last ``M <= mem_len`` positions.
+        u: ``(B, M, 3 * n_head * d_head)`` their injections.
+    """
+
+    z: Tensor
+    u: Tensor
+
+
+class TransformerInput(NamedTuple):
+    """The ``x`` of ``f(z, x)``: everything fixed for one segment.
+
+    Attributes:
+        u: ``(B, M + L, 3 * n_head * d_head)`` injections of ``[memory ; segment]``.
+        mem: ``(B, M, d_model)`` memory equilibria (``M`` may be 0).
+        pos: ``(M + L, d_model)`` relative positional embedding, distances
+            ``M + L - 1, ..., 1, 0`` (after its dropout).
+    """
+
+    u: Tensor
+    mem: Tensor
+    pos: Tensor
+
+
+def sinusoid_embedding(distances: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of (relative) positions (Vaswani et al., 2017).
+
+    ``R_d = [sin(d w_0), ..., sin(d w_{dim/2-1}), cos(d w_0), ..., cos(d w_{dim/2-1})]``
+    with ``w_k = 10000^(-2k/dim)``.
+
+    Args:
+        distances: ``(K,)`` float positions.
+        dim: even embedding width.
+
+    Returns:
+        ``(K, dim)``.
+
+    Raises:
+        ValueError: odd ``dim``.
+    """
+    if dim % 2:
+        raise ValueError(f"the sinusoidal embedding needs an even width, got {dim}")
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=distances.dtype, device=distances.device) / dim))
+    angles = distances[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def rel_shift(scores: Tensor) -> Tensor:
+    """Transformer-XL's relative shift, from distance-indexed to key-indexed scores.
+
+    Input ``scores[..., i, j']`` is the position term of query ``i`` against
+    distance ``K - 1 - j'`` (the positional embedding is ordered ``K-1, ..., 0``).
+    The output ``out[..., i, j]`` is the term for key ``j``, i.e. distance
+    ``i + M - j`` with ``M = K - L``: ``out[i, j] = scores[i, j + L - 1 - i]``
+    for every ``j <= i + M``. Entries with ``j > i + M`` (future keys, masked by
+    the caller) hold unspecified values. Done by padding one zero column and
+    re-viewing, which moves row ``i`` left by ``L - 1 - i`` without a gather.
+
+    Args:
+        scores: ``(..., L, K)`` with ``K >= L``.
+
+    Returns:
+        ``(..., L, K)``.
+    """
+    *lead, qlen, klen = scores.shape
+    padded = torch.cat([scores.new_zeros(*lead, qlen, 1), scores], dim=-1)
+    return padded.view(*lead, klen + 1, qlen)[..., 1:, :].reshape(*lead, qlen, klen)
+
+
+def _init_linear(layer: nn.Linear, std: float) -> None:
+    nn.init.normal_(layer.weight, 0.0, std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+class DEQTransformerBlock(nn.Module):
+    """The equilibrium function: one Transformer-XL block with input injection.
+
+    ``forward(z, x)`` computes ``f(z, x)`` as in the module docstring. Its
+    dropouts hold masks drawn by :meth:`reset_dropout` (once per segment); the
+    weight-normalised weights are read through PyTorch parametrizations, which
+    :func:`~deq.models.weight_norm.cached_weights` evaluates once per segment.
+
+    Args:
+        d_model: state width.
+        n_head: attention heads.
+        d_head: width per head.
+        d_inner: FFN hidden width.
+        dropout: hidden and FFN dropout (variational: one mask per sequence and
+            channel, shared over positions and solver iterations).
+        dropatt: dropout on the attention probabilities (one mask of shape
+            ``(B, n_head, L, M + L)`` per segment).
+        pre_lnorm: LayerNorm before attention/FFN instead of after the residuals.
+        weight_norm: weight-normalise ``W_qkv``, ``W_r``, ``W_o``, ``W_1``, ``W_2``.
+        init_std: normal initialisation of the weights and the biases ``b_w``, ``b_r``.
+
+    Raises:
+        ValueError: non-positive sizes or dropout outside ``[0, 1)``.
+    """
+
+    def __init__(self, *, d_model: int, n_head: int, d_head: int, d_inner: int, dropout: float = 0.0,
+                 dropatt: float = 0.0, pre_lnorm: bool = False, weight_norm: bool = True,
+                 init_std: float = 0.01):
+        super().__init__()
+        for name, val in (("d_model", d_model), ("n_head", n_head), ("d_head", d_head), ("d_inner", d_inner)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
+        self.d_model, self.n_head, self.d_head, self.d_inner = d_model, n_head, d_head, d_inner
+        self.pre_lnorm = pre_lnorm
+        self.scale = 1.0 / math.sqrt(d_head)
+        hd = n_head * d_head
+        self.qkv_net = nn.Linear(d_model, 3 * hd, bias=False)
+        self.r_net = nn.Linear(d_model, hd, bias=False)
+        self.o_net = nn.Linear(hd, d_model)
+        self.ff1 = nn.Linear(d_model, d_inner)
+        self.ff2 = nn.Linear(d_inner, d_model)
+        self.r_w_bias = nn.Parameter(torch.empty(n_head, d_head))
+        self.r_r_bias = nn.Parameter(torch.empty(n_head, d_head))
+        for layer in (self.qkv_net, self.r_net, self.o_net, self.ff1, self.ff2):
+            if weight_norm:
+                # The DEQ-Transformer code's normal(0, init_std) init reaches only a
+                # weight recomputed from (g, v) at every forward, so its weight-normalised
+                # layers trained from PyTorch's default init; we keep that init (g = ||v||
+                # per row, so the initial weight is unchanged) and zero biases.
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+                apply_weight_norm(layer, "weight", dim=0)
+            else:
+                _init_linear(layer, init_std)
+        nn.init.normal_(self.r_w_bias, 0.0, init_std)
+        nn.init.normal_(self.r_r_bias, 0.0, init_std)
+        # A trailing singleton "time" dim makes the attention mask full-shape
+        # (B, H, L, K): nothing is shared, yet the mask is held across f-calls.
+        self.drop_att = VariationalDropout(dropatt, time_dim=-1)
+        self.drop_attn_out = VariationalDropout(dropout, time_dim=1)
+        self.drop_ff_inner = VariationalDropout(dropout, time_dim=1)
+        self.drop_ff_out = VariationalDropout(dropout, time_dim=1)
+
+    def reset_dropout(self, batch: int, qlen: int, klen: int, *, like: Tensor) -> None:
+        """Draw this segment's dropout masks (call once per segment, outside the solver).
+
+        Args:
+            batch: ``B``.
+            qlen: segment length ``L``.
+            klen: ``M + L`` (memory plus segment).
+            like: any tensor with the dtype and device of the state.
+        """
+        ref = dict(dtype=like.dtype, device=like.device)
+        self.drop_att.reset(torch.empty(batch, self.n_head, qlen, klen, 1, **ref))
+        self.drop_attn_out.reset(torch.empty(batch, 1, self.d_model, **ref))
+        self.drop_ff_inner.reset(torch.empty(batch, 1, self.d_inner, **ref))
+        self.drop_ff_out.reset(torch.empty(batch, 1, self.d_model, **ref))
+
+    def _layer_norm(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.d_model,))
+
+    def attention_scores(self, q: Tensor, k: Tensor, r: Tensor) -> Tensor:
+        """Unscaled, unmasked relative attention scores ``a_ij`` (see module docstring).
+
+        Args:
+            q: ``(B, L, H, D)`` queries of the segment positions.
+            k: ``(B, K, H, D)`` keys of ``[memory ; segment]``.
+            r: ``(K, H, D)`` projected positional embedding for distances ``K-1, ..., 0``.
+
+        Returns:
+            ``(B, H, L, K)``: content term ``(q_i + b_w)^T k_j`` plus the shifted
+            position term ``(q_i + b_r)^T r_{i+M-j}``.
+        """
+        content = torch.einsum("bihd,bjhd->bhij", q + self.r_w_bias, k)
+        position = torch.einsum("bihd,jhd->bhij", q + self.r_r_bias, r)
+        return content + rel_shift(position)
+
+    def forward(self, z: Tensor, x: TransformerInput) -> Tensor:
+        """``f(z, x)``.
+
+        Args:
+            z: ``(B, L, d_model)``.
+            x: :class:`TransformerInput` with ``u`` ``(B, M + L, 3 H D)``, ``mem``
+                ``(B, M, d_model)``, ``pos`` ``(M + L, d_model)``.
+
+        Returns:
+            ``(B, L, d_model)``.
+        """
+        u, mem, pos = x
+        batch, qlen, _ = z.shape
+        mlen = mem.shape[1]
+        klen = mlen + qlen
+        heads, dh = self.n_head, self.d_head
+        cat = torch.cat([mem, z], dim=1) if mlen else z
+        if self.pre_lnorm:
+            cat = self._layer_norm(cat)
+        w = self.qkv_net(cat) + u
+        q, k, v = w.chunk(3, dim=-1)
+        q = q[:, mlen:].reshape(batch, qlen, heads, dh)
+        k = k.reshape(batch, klen, heads, dh)
+        v = v.reshape(batch, klen, heads, dh)
+        r = self.r_net(pos).reshape(klen, heads, dh)
+        scores = self.attention_scores(q, k, r) * self.scale
+        # Causal: query i (absolute position M + i) sees keys j <= M + i.
+        future = torch.ones(qlen, klen, dtype=torch.bool, device=z.device).triu(diagonal=1 + mlen)
+        scores = scores.masked_fill(future, float("-inf"))
+        prob = F.softmax(scores, dim=-1)
+        prob = self.drop_att(prob.unsqueeze(-1)).squeeze(-1)
+        attn = torch.einsum("bhij,bjhd->bihd", prob, v).reshape(batch, qlen, heads * dh)
+        h = z + self.drop_attn_out(self.o_net(attn))
+        if not self.pre_lnorm:
+            h = self._layer_norm(h)
+        ff_in = self._layer_norm(h) if self.pre_lnorm else h
+        ff = self.drop_ff_out(self.ff2(self.drop_ff_inner(F.relu(self.ff1(ff_in)))))
+        out = h + ff
+        return out if self.pre_lnorm else self._layer_norm(out)
+
+
+class DEQTransformerLM(nn.Module):
+    """DEQ-Transformer language model with adaptive (or plain tied) embedding and softmax.
+
+    Per segment of ``L`` tokens: embed (``sqrt(d_model)``-scaled, variational
+    dropout), inject, solve ``z* = f(z*, x)`` with the DEQ layer (or unroll it),
+    apply output dropout and the softmax, and hand the memory on. See the module
+    docstring for ``f``, the state layout and what is fixed per segment.
+
+    Args:
+        n_token: vocabulary size.
+        d_model: state width.
+        n_head: attention heads.
+        d_head: width per head (``n_head * d_head`` need not equal ``d_model``).
+        d_inner: FFN hidden width.
+        dropout: embedding, hidden, FFN, positional and output dropout.
+        dropatt: attention-probability dropout.
+        mem_len: memory positions kept for the next segment (0: no memory). A
+            plain attribute: a training script sets another value for evaluation.
+        d_embed: head-cluster embedding width (default ``d_model``).
+        cutoffs: adaptive cluster boundaries; empty for one cluster (full softmax).
+        div_val: adaptive width divisor (1: one table over the vocabulary).
+        tie_weight: tie the softmax cluster weights to the embedding.
+        tie_projs: tie the softmax projections to the embedding's: a bool or one
+            per cluster (see :class:`~deq.models.adaptive.TiedAdaptiveLogSoftmax`).
+        pre_lnorm: pre-LayerNorm block instead of post-LayerNorm.
+        weight_norm: weight-normalise the block's linear maps (not the injection).
+        init_std: normal initialisation std (0.01 in the DEQ-Transformer code).
+        deq_layer: builds the DEQ layer from ``f``, e.g.
+            ``functools.partial(deq.DEQLayer, solver="anderson", max_iter=30)``;
+            stored as ``self.deq`` (``self.deq.f`` is the block).
+
+    Raises:
+        ValueError: invalid sizes, dropout or adaptive settings.
+        TypeError: ``deq_layer`` did not return a module holding the block as ``.f``.
+
+    Example:
+        >>> model = DEQTransformerLM(**TRANSFORMER_PRESETS["tiny"])
+        >>> tokens = torch.randint(0, 100, (2, 8))
+        >>> out = model(tokens[:, :-1], tokens[:, 1:])
+        >>> out.loss.backward()
+        >>> out2 = model(tokens[:, :-1], tokens[:, 1:], mems=out.mems)   # next segment
+
+    References:
+        Bai, Kolter, Koltun, Deep Equilibrium Models (NeurIPS 2019);
+        Dai et al., Transformer-XL (ACL 2019).
+    """
+
+    def __init__(self, *, n_token: int, d_model: int, n_head: int, d_head: int, d_inner: int,
+                 dropout: float = 0.0, dropatt: float = 0.0, mem_len: int = 0, d_embed: int | None = None,
+                 cutoffs: Sequence[int] = (), div_val: int = 1, tie_weight: bool = True,
+                 tie_projs: bool | Sequence[bool] = True, pre_lnorm: bool = False, weight_norm: bool = True,
+                 init_std: float = 0.01, deq_layer: Callable[[nn.Module], DEQLayer] = DEQLayer):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0 or not 0.0 <= dropatt < 1.0:
+            raise ValueError(f"dropout and dropatt must be in [0, 1), got {dropout!r} and {dropatt!r}")
+        if d_model % 2:
+            raise ValueError(f"d_model must be even (sinusoidal positions), got {d_model}")
+        self.n_token, self.d_model, self.n_head, self.d_head = n_token, d_model, n_head, d_head
+        self.dropout = float(dropout)
+        self.mem_len = mem_len
+        self.word_emb = AdaptiveEmbedding(n_token, d_embed=d_model if d_embed is None else d_embed,
+                                          d_model=d_model, cutoffs=list(cutoffs), div_val=div_val,
+                                          init_std=init_std)
+        self.inject = nn.Linear(d_model, 3 * n_head * d_head)
+        _init_linear(self.inject, init_std)
+        block = DEQTransformerBlock(d_model=d_model, n_head=n_head, d_head=d_head, d_inner=d_inner,
+                                    dropout=dropout, dropatt=dropatt, pre_lnorm=pre_lnorm,
+                                    weight_norm=weight_norm, init_std=init_std)
+        self.deq = deq_layer(block)
+        if not isinstance(self.deq, nn.Module) or getattr(self.deq, "f", None) is not block:
+            raise TypeError("deq_layer(block) must return an nn.Module holding the block as .f (like deq.DEQLayer), "
+                            f"got {type(self.deq).__name__}")
+        self.crit = AdaptiveSoftmax(self.word_emb, tie_weight=tie_weight, tie_projs=tie_projs, init_std=init_std)
+
+    @property
+    def mem_len(self) -> int:
+        return self._mem_len
+
+    @mem_len.setter
+    def mem_len(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"mem_len must be an integer >= 0, got {value!r}")
+        self._mem_len = value
+
+    @property
+    def block(self) -> DEQTransformerBlock:
+        """The equilibrium function ``f`` (``self.deq.f``)."""
+        return self.deq.f
+
+    def init_mems(self, batch: int) -> TransformerMemory:
+        """An empty memory (``M = 0``) for the first segment."""
+        ref = self.inject.weight
+        hd3 = self.inject.out_features
+        return TransformerMemory(z=ref.new_zeros(batch, 0, self.d_model), u=ref.new_zeros(batch, 0, hd3))
+
+    def num_parameters(self, *, non_embedding: bool = False) -> int:
+        """Parameter count, each shared (tied) tensor once; weight-norm ``g`` and ``v`` both count.
+
+        Args:
+            non_embedding: leave out the input embedding and the output softmax:
+                the tables, the embedding and softmax projections, the softmax
+                biases and cluster vectors (tied ones once).
+
+        Works on a model built on the meta device (``with torch.device("meta"):``).
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if not non_embedding:
+            return total
+        emb = {id(p): p for m in (self.word_emb, self.crit) for p in m.parameters()}
+        return total - sum(p.numel() for p in emb.values())
+
+    def _check_mems(self, mems: TransformerMemory, batch: int) -> TransformerMemory:
+        z, u = mems
+        hd3 = self.inject.out_features
+        if (z.dim() != 3 or u.dim() != 3 or z.shape[0] != batch or u.shape[0] != batch or z.shape[2] != self.d_model
+                or u.shape[2] != hd3 or z.shape[1] != u.shape[1]):
+            raise ValueError(f"mems must be (z, u) of shapes (B={batch}, M, {self.d_model}) and (B, M, {hd3}); got "
+                             f"{tuple(z.shape)} and {tuple(u.shape)}")
+        return TransformerMemory(z.detach(), u.detach())
+
+    def forward(self, input: Tensor, target: Tensor | None = None, *,
+                mems: TransformerMemory | None = None) -> LMOutput:
+        """Run one segment.
+
+        Args:
+            input: ``(B, L)`` token ids.
+            target: ``(B, L)`` next-token ids, or ``None`` for no loss.
+            mems: memory from the previous segment (``None``: start afresh).
+
+        Returns:
+            :class:`LMOutput`: ``loss`` (mean NLL over the ``B * L`` targets),
+            ``nll_sum``, ``n_tokens``, ``mems`` (a :class:`TransformerMemory`, the
+            last ``mem_len`` positions of ``[mems ; z*]`` and of the injections,
+            detached) and, without ``target``, ``logits``: the ``(B, L, n_token)``
+            next-token log-probabilities (large for big vocabularies).
+
+        Raises:
+            ValueError: shapes of ``input``, ``target`` or ``mems`` that do not fit.
+        """
+        if input.dim() != 2:
+            raise ValueError(f"input must be (B, L) token ids, got shape {tuple(input.shape)}")
+        if target is not None and target.shape != input.shape:
+            raise ValueError(f"target must have the shape of input {tuple(input.shape)}, got {tuple(target.shape)}")
+        batch, qlen = input.shape
+        mems = self.init_mems(batch) if mems is None else self._check_mems(mems, batch)
+        mlen = mems.z.shape[1]
+        klen = mlen + qlen
+
+        emb = locked_dropout(self.word_emb(input), self.dropout, time_dim=1, training=self.training)
+        u = torch.cat([mems.u, self.inject(emb)], dim=1)
+        # Positions in float32 or wider: bf16 counts integers exactly only up to 256.
+        distances = torch.arange(klen - 1, -1, -1, dtype=torch.promote_types(emb.dtype, torch.float32),
+                                 device=emb.device)
+        pos = sinusoid_embedding(distances, self.d_model).to(emb.dtype)
+        pos = locked_dropout(pos, self.dropout, time_dim=0, training=self.training)
+        x = TransformerInput(u=u, mem=mems.z, pos=pos)
+        self.block.reset_dropout(batch, qlen, klen, like=emb)
+        with cached_weights(self.deq):
+            z = self.deq(x, emb.new_zeros(batch, qlen, self.d_model))
+
+        keep = min(self.mem_len, klen)
+        new_mems = TransformerMemory(z=torch.cat([mems.z, z.detach()], dim=1)[:, klen - keep:],
+                                     u=u.detach()[:, klen - keep:])
+        h = locked_dropout(z, self.dropout, time_dim=1, training=self.training)
+        flat = h.reshape(batch * qlen, self.d_model)
+        if target is None:
+            logits = self.crit.log_prob(flat).view(batch, qlen, self.n_token)
+            return LMOutput(loss=None, nll_sum=None, n_tokens=0, mems=new_mems, logits=logits)
+        nll_sum = self.crit(flat, target.reshape(-1)).sum()
+        n_tokens = target.numel()
+        return LMOutput(loss=nll_sum / n_tokens, nll_sum=nll_sum, n_tokens=n_tokens, mems=new_mems)
+
+
+# Presets: constructor keyword arguments. Parameter counts (tests/test_transformer.py
+# checks them within 2%): "wt103_medium" 97.7M total / 71.2M non-embedding (paper: 98M;
+# ~71M), "wt103_small" 4.51M non-embedding (paper: 4.5M). "Non-embedding" excludes the
+# adaptive embedding, its projections and the softmax (biases, cluster vectors, untied
+# projections); tied parameters are counted once.
+TRANSFORMER_PRESETS: dict[str, dict] = {
+    # Bai et al. 2019, WikiText-103 "medium" (DEQ-Sequence/wt103_deq_transformer.sh):
+    # adaptive embedding/softmax, Transformer-XL's tie_projs for WikiText-103.
+    "wt103_medium": dict(n_token=267735, d_model=700, n_head=10, d_head=70, d_inner=48000, dropout=0.05,
+                         dropatt=0.0, mem_len=150, cutoffs=[20000, 40000, 200000], div_val=4, tie_weight=True,
+                         tie_projs=[False, True, True, True], pre_lnorm=False, weight_norm=True),
+    # Bai et al. 2019, WikiText-103 "small" (4.5M non-embedding): plain tied softmax.
+    # d_inner=2500 puts the non-embedding count at 4.51M.
+    "wt103_small": dict(n_token=267735, d_model=500, n_head=10, d_head=50, d_inner=2500, dropout=0.05,
+                        dropatt=0.0, mem_len=150, cutoffs=[], div_val=1, tie_weight=True, tie_projs=True,
+                        pre_lnorm=False, weight_norm=True),
+    # Our choice for Penn Treebank (10k words; the paper reports no DEQ-Transformer on
+    # PTB): tied full softmax, 10 x 40 heads, d_inner 2000: 6.90M parameters, 2.89M
+    # non-embedding; Transformer-XL-like PTB dropouts and segment/memory length 70.
+    "ptb": dict(n_token=10000, d_model=400, n_head=10, d_head=40, d_inner=2000, dropout=0.25, dropatt=0.1,
+                mem_len=70, cutoffs=[], div_val=1, tie_weight=True, tie_projs=True, pre_lnorm=False,
+                weight_norm=True),
+    # CPU smoke tests and the embedded default run (a few thousand parameters).
+    "tiny": dict(n_token=100, d_model=16, n_head=2, d_head=8, d_inner=32, dropout=0.1, dropatt=0.0,
+                 mem_len=8, cutoffs=[], div_val=1, tie_weight=True, tie_projs=True, pre_lnorm=False,
+                 weight_norm=True),
+}
