@@ -75,8 +75,23 @@ class DEQLayer(nn.Module):
           (``deq.models.dropout``) may turn it off.
         * per-sample stopping assumes samples do not interact inside ``f``
           (no batch statistics); otherwise set ``tol`` so all stop together.
-        * ``f`` may be ``torch.compile``-d; it is called with and without grad
-          mode, so expect one compile per mode.
+        * ``f`` may be ``torch.compile``-d (pass the compiled module or
+          function as ``f``). Tested on CPU with ``backend="eager"`` and
+          ``"aot_eager"``: the same fixed point and the same gradients as the
+          uncompiled ``f`` for Implicit, NPG and UPG, and ``nn.Dropout``
+          inside it keeps one mask per layer call (its masks are drawn from
+          the global generator, which the replay restores). It is called under
+          ``no_grad`` (solver) and with grad (re-attached call), so expect one
+          compilation per grad mode, plus recompiles when shapes change. With
+          inductor the masks are also fixed within a call (its seeds come from
+          the global generator) but are not the masks eager ``f`` would draw
+          for the same seed (checked by hand, not in the test suite). Only the
+          default CPU generator and the current CUDA device's generator are
+          replayed, not a ``torch.Generator`` that ``f`` holds itself.
+        * Implicit and NPG give first derivatives only: differentiating their
+          gradient again (``create_graph=True``) raises rather than silently
+          treating the adjoint solve as a constant; UPG/JFB and unrolled mode
+          are plain autograd.
 
     Args:
         f: the equilibrium function, an ``nn.Module`` (registered as ``self.f``,
@@ -163,10 +178,10 @@ class DEQLayer(nn.Module):
         device = as_tuple(z0)[0].device
         replay = _RngReplay(device) if self.fix_rng and self.training else None
         call = _Call(self.f, x, replay)
-        if self.unroll_steps is not None:
-            return self._unrolled(call, z0)
-
         tol, max_iter = (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
+        if self.unroll_steps is not None:
+            return self._unrolled(call, z0, tol)
+
         res = solve(call, z0, solver=self.solver, tol=tol, max_iter=max_iter, stop_mode=self.stop_mode)
         res = res.detach()
         self.last_result = res
@@ -175,7 +190,7 @@ class DEQLayer(nn.Module):
             return call(res.z)
         return self.backward.attach(call, res.z, x, report=self._reporter(res))
 
-    def _unrolled(self, call: _Call, z0: State) -> State:
+    def _unrolled(self, call: _Call, z0: State, tol: float) -> State:
         """``f`` applied ``unroll_steps`` times with autograd; records the residual trace."""
         steps = self.unroll_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -193,9 +208,9 @@ class DEQLayer(nn.Module):
         detached = tuple(t.detach() for t in z) if isinstance(z, tuple) else z.detach()
         self.last_result = SolverResult(
             z=detached, nstep=torch.full((batch,), steps, dtype=torch.int64, device=final.device),
-            residual=final, converged=final <= self.tol, trace=trace,
+            residual=final, converged=final <= tol, trace=trace,
             best_step=torch.full((batch,), steps - 1, dtype=torch.int64, device=final.device),
-            n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=self.tol)
+            n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=tol)
         return z
 
     def _reporter(self, fwd: SolverResult) -> Callable[[SolverResult], None]:

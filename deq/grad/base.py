@@ -100,6 +100,12 @@ class _AdjointFn(torch.autograd.Function):
     engine then sends the adjoint through the same graph to the parameters and
     ``x``. So the whole backward keeps one graph of ``f``, linearised at the
     very ``z*`` the forward returned.
+
+    First derivatives only: the adjoint comes out of a solve that keeps no
+    graph, so differentiating the gradient again (``create_graph=True``, then a
+    second ``grad``) would silently treat the adjoint as a constant. Under
+    ``create_graph=True`` the adjoint is passed through :class:`_FirstOrderOnly`,
+    which raises if a second derivative ever reaches it.
     """
 
     @staticmethod
@@ -110,6 +116,18 @@ class _AdjointFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        with torch.no_grad():
+            adj = _AdjointFn._adjoint(ctx, grads)
+        if torch.is_grad_enabled():  # create_graph=True
+            # Anchored to f(z*) (whose graph reaches theta and x) and to any
+            # incoming gradient with a graph, so every second-order path that
+            # runs through the adjoint meets the raising node.
+            anchors = (*ctx.saved_tensors[:ctx.n], *(g for g in grads if g is not None and g.requires_grad))
+            adj = tuple(_FirstOrderOnly.apply(a, *anchors) for a in adj)
+        return (None, None, None, *adj, *(None,) * (len(ctx.saved_tensors) - ctx.n))
+
+    @staticmethod
+    def _adjoint(ctx, grads):
         saved = ctx.saved_tensors
         fz, z_in = saved[:ctx.n], saved[ctx.n:]
         grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, fz))
@@ -123,5 +141,23 @@ class _AdjointFn(torch.autograd.Function):
             return _flatten(gs if len(gs) > 1 else gs[0], z_spec)
 
         v = _flatten(grads if len(grads) > 1 else grads[0], spec)
-        adj = as_tuple(_unflatten(ctx.obj.adjoint(vjp, v, ctx.report), spec))
-        return (None, None, None, *adj, *(None,) * len(z_in))
+        return as_tuple(_unflatten(ctx.obj.adjoint(vjp, v, ctx.report), spec))
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the adjoint; its backward (a second derivative) raises.
+
+    ``torch.autograd.function.once_differentiable`` is not enough here: its
+    error node hangs off fresh leaves, so ``torch.autograd.grad(..., inputs=x)``
+    prunes it and returns a wrong second derivative without a word.
+    """
+
+    @staticmethod
+    def forward(ctx, adj, *anchors):
+        return adj.view_as(adj)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("DEQLayer: the gradient of an Implicit/NPG backward is not differentiable again "
+                           "(the adjoint solve keeps no graph); second derivatives through it are not "
+                           "supported. Use UPG/JFB (plain autograd) or differentiate the unrolled layer.")

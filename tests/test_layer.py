@@ -1,0 +1,365 @@
+"""DEQLayer: structure, budgets, policies, modes, random f and compiled f.
+
+Gradients themselves are checked in test_grad.py; here the layer's contract.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from deq import JFB, NPG, UPG, ConvergenceError, DEQLayer, FixedPoint, Implicit
+
+DT = torch.float64
+TIGHT = dict(tol=1e-12, max_iter=200)
+
+
+class TanhCell(nn.Module):
+    """f(z, x) = tanh(z W^T + x U^T + b), ||W||_2 = rho."""
+
+    def __init__(self, dim: int = 5, in_dim: int | None = None, rho: float = 0.6, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        in_dim = dim if in_dim is None else in_dim
+        w = torch.randn(dim, dim, dtype=DT, generator=gen)
+        self.W = nn.Parameter(w * (rho / torch.linalg.matrix_norm(w, ord=2)))
+        self.U = nn.Parameter(torch.randn(dim, in_dim, dtype=DT, generator=gen) / in_dim ** 0.5)
+        self.b = nn.Parameter(0.1 * torch.randn(dim, dtype=DT, generator=gen))
+
+    def pre(self, z, x):
+        return z @ self.W.T + x @ self.U.T + self.b
+
+    def forward(self, z, x):
+        return torch.tanh(self.pre(z, x))
+
+
+class DropCell(TanhCell):
+    """TanhCell followed by a plain nn.Dropout; records every mask it draws."""
+
+    def __init__(self, p: float = 0.4, **kw):
+        super().__init__(**kw)
+        self.p = p
+        self.drop = nn.Dropout(p)
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, z, x):
+        out = self.drop(torch.tanh(self.pre(z, x)))
+        self.masks.append(out.detach() != 0)  # tanh(...) is never exactly 0 here
+        return out
+
+
+def _x(batch=3, dim=5, seed=2, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, dtype=DT, generator=gen).requires_grad_(requires_grad)
+
+
+def _params_and_x_grads(loss, cell, x):
+    return torch.autograd.grad(loss, (x, *cell.parameters()))
+
+
+def _assert_all_close(a, b, tol=1e-10):
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------
+# Construction and structure
+
+
+def test_module_f_is_registered_and_callable_f_is_not():
+    cell = TanhCell()
+    layer = DEQLayer(cell)
+    assert layer.f is cell
+    assert [id(p) for p in layer.parameters()] == [id(p) for p in cell.parameters()]
+    assert set(layer.state_dict()) == {"f.W", "f.U", "f.b"}
+    plain = DEQLayer(lambda z, x: 0.5 * z + x)
+    assert list(plain.parameters()) == [] and plain.state_dict() == {}
+
+
+def test_constructor_checks():
+    with pytest.raises(TypeError, match="f must be callable"):
+        DEQLayer(3)
+    with pytest.raises(TypeError):
+        DEQLayer(TanhCell(), max_iters=3)  # a typo is an error, not an ignored option
+    with pytest.raises(ValueError, match="unknown on_nonconvergence 'loud'; known: ignore, warn, raise"):
+        DEQLayer(TanhCell(), on_nonconvergence="loud")
+    with pytest.raises(ValueError, match="unknown solver 'andersen'"):
+        DEQLayer(TanhCell(), solver="andersen")
+    with pytest.raises(ValueError, match="unknown backward 'ift'; known backward passes: implicit, jfb, npg, upg"):
+        DEQLayer(TanhCell(), backward="ift")
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
+        DEQLayer(TanhCell(), eval_max_iter=0)
+    with pytest.raises(ValueError, match="tol must be > 0"):
+        DEQLayer(TanhCell(), tol=0.0)
+    assert DEQLayer(TanhCell()).on_nonconvergence == "warn"
+    assert isinstance(DEQLayer(TanhCell(), backward="npg").backward, NPG)
+
+
+def test_default_z0_is_zeros_like_x_and_output_is_a_tensor():
+    seen = []
+
+    def f(z, x):
+        seen.append(z.clone())
+        return torch.tanh(0.5 * z + x)
+
+    x = _x()
+    z = DEQLayer(f, tol=1e-10)(x)
+    assert torch.equal(seen[0], torch.zeros_like(x))
+    assert isinstance(z, torch.Tensor) and z.shape == x.shape and z.dtype == x.dtype
+
+
+def test_tuple_state_and_tuple_input_pass_through():
+    received = []
+
+    def f(z, x):
+        received.append(x)
+        h, c = z
+        a, b = x
+        return torch.tanh(0.5 * h + a), 0.5 * torch.sigmoid(c) + b[:, :2]
+
+    x = (_x(3, 4), _x(3, 3, seed=4))
+    z0 = (torch.zeros(3, 4, dtype=DT), torch.zeros(3, 2, dtype=DT))
+    layer = DEQLayer(f, tol=1e-10)
+    z = layer(x, z0)
+    assert isinstance(z, tuple) and [t.shape for t in z] == [(3, 4), (3, 2)]
+    assert all(r is x for r in received)  # x is handed to f untouched
+    h, c = layer.last_result.z
+    torch.testing.assert_close(z[0], torch.tanh(0.5 * h + x[0]))
+    with pytest.raises(ValueError, match="z0 is required when x is not a tensor"):
+        layer(x)
+
+
+def test_f_with_wrong_shape_is_reported():
+    layer = DEQLayer(lambda z, x: (z + x)[:, :-1])
+    with pytest.raises(ValueError, match=r"f returned shape \(3, 4\) but z0 has shape \(3, 5\)"):
+        layer(_x())
+
+
+# ---------------------------------------------------------------------------
+# Budgets, modes, statistics
+
+
+def test_no_grad_returns_f_of_z_star_without_graph():
+    cell = TanhCell()
+    layer = DEQLayer(cell, tol=1e-3)
+    x = _x(requires_grad=True)
+    with torch.no_grad():
+        z = layer(x)
+    assert not z.requires_grad and z.grad_fn is None
+    assert torch.equal(z, cell(layer.last_result.z, x).detach())
+
+
+@pytest.mark.parametrize("backward", [Implicit(), NPG(), UPG(k=3), JFB()], ids=["implicit", "npg", "upg", "jfb"])
+def test_eval_budget_used_in_eval_mode(backward):
+    layer = DEQLayer(TanhCell(rho=0.95), solver=FixedPoint(), backward=backward, tol=1e-14, max_iter=9,
+                     eval_tol=1e-13, eval_max_iter=4, on_nonconvergence="ignore")
+    x = _x()
+    layer(x)
+    res = layer.last_result
+    assert res.n_iter == 9 and bool((res.nstep == 9).all()) and res.tol == 1e-14
+    layer.eval()
+    layer(x)
+    res = layer.last_result
+    assert res.n_iter == 4 and bool((res.nstep <= 4).all()) and res.trace.shape[0] == 4 and res.tol == 1e-13
+    layer.train()
+    layer(x)
+    assert layer.last_result.n_iter == 9
+
+
+def test_eval_tol_used_in_eval_mode():
+    layer = DEQLayer(TanhCell(rho=0.9), solver=FixedPoint(), tol=1e-12, max_iter=500, eval_tol=1e-3)
+    x = _x()
+    layer(x)
+    n_train = layer.last_result.n_iter
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    res = layer.last_result
+    assert res.tol == 1e-3 and bool(res.converged.all()) and float(res.residual.max()) > 1e-12
+    assert res.n_iter < n_train
+
+
+def test_last_result_is_detached_and_replaced_each_call():
+    cell = TanhCell()
+    layer = DEQLayer(cell, tol=1e-8)
+    x = _x(requires_grad=True)
+    layer(x)
+    first = layer.last_result
+    assert not first.z.requires_grad and first.z.grad_fn is None
+    assert first.solver == "anderson" and first.nstep.shape == (3,) and bool(first.converged.all())
+    layer(2 * x)
+    assert layer.last_result is not first
+
+
+def test_unrolled_mode_equals_applying_f_L_times():
+    cell = TanhCell(rho=0.9)
+    x = _x(requires_grad=True)
+    layer = DEQLayer(cell, tol=1e-8)
+    layer.unroll_steps = 4
+    z = layer(x)
+    w = torch.linspace(-1, 1, 5, dtype=DT)
+    got = _params_and_x_grads((z * w).sum(), cell, x)
+
+    ref = torch.zeros_like(x)
+    for _ in range(4):
+        ref = cell(ref, x)
+    assert torch.equal(z, ref)
+    for a, b in zip(got, _params_and_x_grads((ref * w).sum(), cell, x)):
+        assert torch.equal(a, b)
+    res = layer.last_result
+    assert res.solver == "unrolled" and res.n_iter == 4 and bool((res.nstep == 4).all())
+    assert res.trace.shape == (4, 3)
+
+    layer.unroll_steps = None  # back to DEQ mode
+    layer(x)
+    assert layer.last_result.solver == "anderson"
+    layer.unroll_steps = 0
+    with pytest.raises(ValueError, match="unroll_steps must be None or an integer >= 1"):
+        layer(x)
+
+
+def test_unrolled_mode_with_tuple_state():
+    def f(z, x):
+        h, c = z
+        return torch.tanh(0.5 * h + x), 0.5 * c + h
+
+    layer = DEQLayer(f, unroll_steps=3)
+    x = _x(requires_grad=True)
+    z0 = (torch.zeros_like(x), torch.zeros_like(x))
+    z = layer(x, z0)
+    ref = z0
+    for _ in range(3):
+        ref = f(ref, x)
+    assert all(torch.equal(a, b) for a, b in zip(z, ref))
+    assert z[1].requires_grad
+
+
+# ---------------------------------------------------------------------------
+# Non-convergence policy (forward; the backward solve's policy is in test_grad.py)
+
+
+def _stuck(policy):
+    return DEQLayer(TanhCell(rho=0.95), solver=FixedPoint(), tol=1e-12, max_iter=3, on_nonconvergence=policy)
+
+
+def test_forward_nonconvergence_raises():
+    with pytest.raises(ConvergenceError, match=r"forward solve \(fixed_point\) did not converge for 3 of 3 "
+                                               r"samples in 3 iterations: max residual .* > tol 1e-12 \(rel\)"):
+        _stuck("raise")(_x())
+
+
+def test_forward_nonconvergence_warns_once_with_the_residual():
+    layer = _stuck("warn")
+    with pytest.warns(RuntimeWarning, match="did not converge") as record:
+        layer(_x())
+    worst = float(layer.last_result.residual.max())
+    assert f"max residual {worst:.3g}" in str(record[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(_x())
+        layer(_x())
+    assert not caught
+
+
+def test_forward_nonconvergence_ignored():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _stuck("ignore")(_x())
+    assert not caught
+
+
+# ---------------------------------------------------------------------------
+# f with random state: one dropout mask per layer call
+
+
+@pytest.mark.parametrize("backward", [Implicit(**TIGHT), UPG(k=3, damping=0.5)], ids=["implicit", "upg"])
+def test_dropout_mask_fixed_within_a_call_and_gradient_is_that_of_the_fixed_mask(backward):
+    torch.manual_seed(0)
+    cell = DropCell(p=0.4)
+    x = _x(4, 5, requires_grad=True)
+    layer = DEQLayer(cell, backward=backward, **TIGHT)
+    z = layer(x)
+    masks = list(cell.masks)
+    assert len(masks) >= 3  # solver iterations, the re-attached call(s)
+    mask = masks[0]
+    assert all(torch.equal(m, mask) for m in masks)
+    assert 0 < int(mask.sum()) < mask.numel()
+    w = torch.linspace(-1, 1, 5, dtype=DT)
+    got = _params_and_x_grads((z * w).sum(), cell, x)
+    assert len(cell.masks) == len(masks)  # backward never calls f again
+
+    # the same deterministic f, with that mask fixed
+    keep = mask.to(DT) / (1 - cell.p)
+    fixed = DEQLayer(lambda z, x: torch.tanh(cell.pre(z, x)) * keep, backward=backward, **TIGHT)
+    z_ref = fixed(x)
+    _assert_all_close((z,), (z_ref,), tol=1e-12)
+    _assert_all_close(got, _params_and_x_grads((z_ref * w).sum(), cell, x), tol=1e-10)
+
+    # the next call draws a new mask, again fixed for the whole call
+    cell.masks.clear()
+    layer(x)
+    assert not torch.equal(cell.masks[0], mask)
+    assert all(torch.equal(m, cell.masks[0]) for m in cell.masks)
+
+
+def test_dropout_off_in_eval_and_variational_in_unrolled_mode():
+    torch.manual_seed(1)
+    cell = DropCell(p=0.4)
+    x = _x(4, 5)
+    layer = DEQLayer(cell, **TIGHT)
+    layer.eval()
+    layer(x)
+    assert all(bool(m.all()) for m in cell.masks)
+    layer.train()
+    layer.unroll_steps = 5
+    cell.masks.clear()
+    layer(x)
+    assert len(cell.masks) == 5 and all(torch.equal(m, cell.masks[0]) for m in cell.masks)
+    assert not bool(cell.masks[0].all())
+
+
+def test_without_fix_rng_every_call_of_f_draws_a_new_mask():
+    torch.manual_seed(2)
+    cell = DropCell(p=0.4)
+    DEQLayer(cell, fix_rng=False, on_nonconvergence="ignore", max_iter=5)(_x(4, 5))
+    assert not all(torch.equal(m, cell.masks[0]) for m in cell.masks)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile-d f (fast CPU backends)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_f_gives_the_same_fixed_point_and_gradients(backend):
+    torch._dynamo.reset()
+    cell = TanhCell()
+    compiled = torch.compile(cell, backend=backend)
+    x = _x(requires_grad=True)
+    w = torch.linspace(-1, 1, 5, dtype=DT)
+    for backward in (Implicit(**TIGHT), NPG(k=3), UPG(k=2)):
+        out = []
+        for f in (cell, compiled):
+            z = DEQLayer(f, backward=backward, **TIGHT)(x)
+            out.append((z.detach(), *_params_and_x_grads((z * w).sum(), cell, x)))
+        _assert_all_close(out[0], out[1], tol=1e-12)
+
+
+def test_compiled_f_with_dropout_keeps_one_mask_per_call():
+    """aot_eager draws dropout masks from the global generator, so the replay fixes them too."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    cell = DropCell(p=0.4)
+    compiled = torch.compile(lambda z, x: cell.drop(torch.tanh(cell.pre(z, x))), backend="aot_eager")
+    x = _x(4, 5, requires_grad=True)
+    z = DEQLayer(compiled, backward=Implicit(**TIGHT), **TIGHT)(x)
+    mask = z.detach() != 0  # the output is f(z*): its zeros are the mask
+    assert 0 < int(mask.sum()) < mask.numel()
+    w = torch.linspace(-1, 1, 5, dtype=DT)
+    got = _params_and_x_grads((z * w).sum(), cell, x)
+    keep = mask.to(DT) / (1 - cell.p)
+    z_ref = DEQLayer(lambda z, x: torch.tanh(cell.pre(z, x)) * keep, backward=Implicit(**TIGHT), **TIGHT)(x)
+    _assert_all_close((z,), (z_ref,), tol=1e-12)
+    _assert_all_close(got, _params_and_x_grads((z_ref * w).sum(), cell, x), tol=1e-10)
