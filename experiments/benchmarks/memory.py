@@ -9,8 +9,11 @@ with ``deq.unroll_steps = L``: equal parameters by construction). Per row:
   parameters themselves are excluded, they are the same for every row), counted
   with ``torch.autograd.graph.saved_tensors_hooks``, each storage once, for the
   whole model and for the equilibrium layer alone ("layer": what the DEQ/explicit
-  choice changes; the embedding and softmax are shared by every row); on CUDA
-  also ``torch.cuda.max_memory_allocated`` of the step;
+  choice changes; the embedding and softmax are shared by every row), and the
+  layer's activations alone ("act": the bytes that grow with the batch, i.e. the
+  layer's bytes at batch 2B minus those at batch B; this leaves out what is
+  saved once whatever the batch, such as the weight-normalised weights); on
+  CUDA also ``torch.cuda.max_memory_allocated`` of the step;
 * time per training step (forward + backward) and per evaluation step
   (``eval()``, no grad), median of ``--repeats``, and their ratio to the
   12-layer twin measured in the same run;
@@ -58,8 +61,15 @@ class SavedBytes:
     def _enter_layer(self, *args):
         self.inside = True
 
-    def _leave_layer(self, *args):
+    def _leave_layer(self, module, args, output):
+        # The layer's output is what the readout consumes (and saves) for every
+        # row alike; for the explicit twin it is first saved outside the layer,
+        # so book it outside for the DEQ rows too.
         self.inside = False
+        for t in output if isinstance(output, tuple) else (output,):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in self.storages:
+                self.storages[ptr] = (self.storages[ptr][0], False)
 
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -129,11 +139,12 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
     model = spec["cls"](**spec["kw"], deq_layer=layer).to(device)
     vocab = spec["kw"].get("n_token", spec["kw"].get("ntoken"))
     gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, vocab, (spec["batch"], spec["seq"] + 1), generator=gen).to(device)
-    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    tokens = torch.randint(0, vocab, (2 * spec["batch"], spec["seq"] + 1), generator=gen).to(device)
+    inp, tgt = tokens[:spec["batch"], :-1], tokens[:spec["batch"], 1:]
     # One warm segment so memory (transformer) / history (trellisnet) is present, as in training.
     with torch.no_grad():
         mems = model(inp, tgt).mems
+        mems2 = model(tokens[:, :-1], tokens[:, 1:]).mems
 
     out = []
     for label, bw, unroll in _rows(quick):
@@ -156,6 +167,14 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
             loss = model(inp, tgt, mems=mems).loss
         loss.backward()
         res = model.deq.last_result
+        # Saved bytes that grow with the batch (activations), without the
+        # batch-independent ones (weights, weight-norm outputs, positions):
+        # the same step at batch 2B minus batch B.
+        meter2 = SavedBytes(model.parameters(), model.deq)
+        with meter2:
+            loss2 = model(tokens[:, :-1], tokens[:, 1:], mems=mems2).loss
+        loss2.backward()
+        model.zero_grad(set_to_none=True)
         peak_cuda = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
         t_train = _median_time(train_step, repeats, device)
         model.eval()
@@ -167,6 +186,7 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
         eval_step()
         t_eval = _median_time(eval_step, repeats, device)
         out.append(dict(family=name, method=label, saved_bytes=meter.total, layer_bytes=meter.in_layer,
+                        layer_act_bytes=meter2.in_layer - meter.in_layer,
                         cuda_peak_bytes=peak_cuda,
                         train_s=t_train, eval_s=t_eval,
                         fwd_nstep=float(res.nstep.double().mean()) if unroll is None else float(unroll),
@@ -176,6 +196,7 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
     for r in out:
         r["mem_vs_L12"] = r["saved_bytes"] / ref["saved_bytes"]
         r["layer_mem_vs_L12"] = r["layer_bytes"] / ref["layer_bytes"]
+        r["layer_act_vs_L12"] = r["layer_act_bytes"] / ref["layer_act_bytes"]
         r["train_time_vs_L12"] = r["train_s"] / ref["train_s"]
         r["eval_time_vs_L12"] = r["eval_s"] / ref["eval_s"]
     return out
@@ -183,6 +204,7 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'family':12s} {'method':15s} {'saved MiB':>10s} {'vs L=12':>8s} {'layer MiB':>10s} {'vs L=12':>8s} "
+            f"{'act MiB':>8s} {'vs L=12':>8s} "
             f"{'train s':>9s} {'vs L=12':>8s} "
             f"{'eval s':>8s} {'vs L=12':>8s} {'fwd f':>6s} {'bwd it':>6s}")
     if any(r["cuda_peak_bytes"] is not None for r in rows):
@@ -192,6 +214,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         line = (f"{r['family']:12s} {r['method']:15s} {r['saved_bytes'] / 2**20:10.2f} {r['mem_vs_L12']:8.1%} "
                 f"{r['layer_bytes'] / 2**20:10.2f} {r['layer_mem_vs_L12']:8.1%} "
+                f"{r['layer_act_bytes'] / 2**20:8.2f} {r['layer_act_vs_L12']:8.1%} "
                 f"{r['train_s']:9.4f} {r['train_time_vs_L12']:8.2f} {r['eval_s']:8.4f} {r['eval_time_vs_L12']:8.2f} "
                 f"{r['fwd_nstep']:6.1f} {'' if r['bwd_nstep'] is None else format(r['bwd_nstep'], '6.1f'):>6s}")
         if r["cuda_peak_bytes"] is not None:
