@@ -25,9 +25,12 @@ class Anderson(Solver):
     where ``s = max_i ||dG_i||^2`` scales the ridge to the problem: an absolute
     ridge dominates the Gram matrix once residuals are small and turns Anderson
     into slow averaging exactly at tight tolerances. The ``m x m`` Gram matrix is
-    updated one column per step (``O(m D)`` work, not ``O(m^2 D)``). A sample
+    updated one column per step (``O(m D)`` work, not ``O(m^2 D)``), in the
+    same pass over the history as the right-hand side ``dG^T g``. A sample
     whose system is singular or gives a non-finite ``gamma`` falls back to the
     plain mixing step ``z + beta * g`` for that iteration (never a crash).
+    Working memory: ``(2 m + 4) B D + m^2 B`` numbers (the history, two work
+    pairs and the Gram matrices), whatever ``max_iter`` is.
 
     Args:
         m: history size (number of stored differences), ``m >= 1``.
@@ -60,35 +63,55 @@ class Anderson(Solver):
     def init(self, z: Tensor, fz: Tensor) -> dict:
         batch, dim = z.shape
         new = dict(dtype=z.dtype, device=z.device)
+        # Slots not yet filled stay zero: their Gram rows and right-hand sides are
+        # zero, so (with the ridge on the diagonal) their gamma is exactly zero
+        # and every step solves the same fixed-size m x m system.
+        dG = torch.zeros(batch, self.m, dim, **new)
+        # dY = dZ + beta * dG: the only combination of dZ the update uses,
+        # stored so that the update is one batched product.
+        dY = torch.zeros(batch, self.m, dim, **new)
+        gram = torch.zeros(batch, self.m, self.m, **new)
+        # Two (B, 2, D) buffers used in turn, rows [dg, g] of one step: the new
+        # residual is written where the product with the history reads it (no
+        # stacking copy) while the previous step's g survives in the other one.
+        pairs = (torch.empty(batch, 2, dim, **new), torch.empty(batch, 2, dim, **new))
         return {
-            "z": z, "g": fz - z, "k": 0,
-            "dZ": torch.zeros(batch, self.m, dim, **new),
-            "dG": torch.zeros(batch, self.m, dim, **new),
-            "gram": torch.zeros(batch, self.m, self.m, **new),
+            "z": z, "fz": fz, "k": 0, "dG": dG, "dY": dY, "gram": gram, "pairs": pairs,
+            "rows": tuple(p.unbind(1) for p in pairs),
+            "eye": torch.eye(self.m, **new), "tiny": torch.tensor(torch.finfo(z.dtype).tiny, **new),
+            # Views made once, not per step: on small problems each indexing op
+            # costs about as much as the arithmetic it feeds.
+            "dG_t": dG.transpose(1, 2), "diag": gram.diagonal(dim1=1, dim2=2),
+            "slots": tuple((dG[:, i], dY[:, i], gram[:, i], gram[:, :, i]) for i in range(self.m)),
         }
 
     def step(self, state, z, fz, active, evaluate):
-        g = fz - z
         k = state["k"]
-        dZ, dG, gram = state["dZ"], state["dG"], state["gram"]
-        if k > 0:
-            slot = (k - 1) % self.m
-            dZ[:, slot] = z - state["z"]
-            dG[:, slot] = g - state["g"]
-            col = torch.bmm(dG, dG[:, slot, :, None]).squeeze(2)  # (B, m)
-            gram[:, slot, :] = col
-            gram[:, :, slot] = col
-        n = min(k, self.m)
-        z_new = z + self.beta * g
-        if n > 0:
-            G, Z, A = dG[:, :n], dZ[:, :n], gram[:, :n, :n]
-            rhs = torch.bmm(G, g[:, :, None])  # (B, n, 1)
-            scale = A.diagonal(dim1=1, dim2=2).amax(dim=1)
-            ridge = self.lam * scale + torch.finfo(z.dtype).tiny
-            A = A + ridge[:, None, None] * torch.eye(n, dtype=z.dtype, device=z.device)
-            gamma, info = torch.linalg.solve_ex(A, rhs)
-            ok = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
-            gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma))
-            z_new = z_new - torch.bmm(gamma.transpose(1, 2), Z + self.beta * G).squeeze(1)
-        z_new = z_new.where(active[:, None], z)
-        return {**state, "z": z, "g": g, "k": k + 1}, z_new, evaluate(z_new, active)
+        dg, g = state["rows"][k % 2]
+        torch.sub(fz, z, out=g)
+        weight = active.to(z.dtype)[:, None]  # 0 freezes a stopped sample
+        mixed = fz if self.beta == 1.0 else torch.add(z, g, alpha=self.beta)  # z + beta g
+        if k == 0:
+            z_new = z.lerp(mixed, weight)
+        else:
+            dg_slot, dy_slot, gram_row, gram_col = state["slots"][(k - 1) % self.m]
+            torch.sub(g, state["rows"][(k + 1) % 2][1], out=dg)
+            dg_slot.copy_(dg)
+            if self.beta == 1.0:
+                torch.sub(fz, state["fz"], out=dy_slot)  # dZ + dG = the change of f(z)
+            else:
+                torch.sub(z, state["z"], out=dy_slot).add_(dg, alpha=self.beta)
+            # One pass over the history for both the new Gram column dG^T dg
+            # and the right-hand side dG^T g: O(m D), not O(m^2 D).
+            prods = torch.bmm(state["pairs"][k % 2], state["dG_t"])  # (B, 2, m)
+            gram_row.copy_(prods[:, 0])
+            gram_col.copy_(prods[:, 0])
+            ridge = torch.add(state["tiny"], state["diag"].amax(dim=1, keepdim=True), alpha=self.lam)
+            system = torch.addcmul(state["gram"], ridge.unsqueeze(2), state["eye"])
+            # gamma (B, 1, m) as a row: gamma A = rhs^T, the same as A gamma^T = rhs (A symmetric).
+            gamma, info = torch.linalg.solve_ex(system, prods[:, 1:], left=False)
+            # A singular or non-finite solve falls back to the plain mixing step.
+            ok = (info.view(-1, 1, 1) == 0) & gamma.sum(dim=2, keepdim=True).isfinite()
+            gamma = torch.where(ok, gamma, 0.0)
+            z_new = z.lerp(torch.baddbmm(mixed.unsqueeze(1), gamma, state["dY"], alpha=-1.0).squeeze(1), weight)
+        return {**state, "z": z, "fz": fz, "k": k + 1}, z_new, evaluate(z_new, active)

@@ -12,15 +12,26 @@ Residual (one definition for the whole library), per sample ``b``::
     rel:  r_b = ||f(z)_b - z_b||_2 / ||f(z)_b||_2
 
 For ``rel`` the quotient is guarded where ``||f(z)_b|| = 0``: the residual is 0
-when ``z_b`` is also 0 (then ``z_b`` is a fixed point) and ``+inf`` otherwise,
-so a point that is not a fixed point is never reported as converged. No epsilon
-is added to the denominator: an epsilon would let a tiny ``z`` with
-``f(z) = 0`` pass for a fixed point.
+when ``z_b`` is also a fixed point there (``||f(z)_b - z_b|| = 0``) and ``+inf``
+otherwise, so a point that is not a fixed point is never reported as converged.
+No epsilon is added to the denominator: an epsilon would let a tiny ``z`` with
+``f(z) = 0`` pass for a fixed point. Norms are taken in the working dtype: a
+state whose entries are all below about ``1e-19`` (float32) or ``1e-154``
+(float64) has squares that underflow, and there the test is only as good as
+the norm.
+
+A non-finite ``f(z)_b`` (or ``z_b``) makes ``r_b`` NaN (``rel``) or NaN/inf
+(``abs``); the loop turns that into :class:`NonFiniteError`.
+
+When ``f`` works in a narrower dtype than the solver (bf16/fp16 ``z0``), the
+residual is that of the iterate as ``f`` saw it, rounded to ``z0``'s dtype: the
+residual reported is the residual of the ``z`` that is returned.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence, Union
 
@@ -114,7 +125,10 @@ class Solver:
     ``z``/``fz`` are ``(B, D)`` in the working dtype (float32 or wider).
     ``step`` must return ``z`` unchanged for samples where ``active`` is False
     and must obtain ``fz`` only through ``evaluate(z, charge)``, which calls
-    ``f`` and charges one call to each sample where ``charge`` is True.
+    ``f`` and charges one call to each sample where ``charge`` is True. It may
+    keep references to the ``z``/``fz`` it is given (the loop never modifies
+    them) and must not modify them in place itself; it returns a new ``z``.
+    Its own buffers it may update in place.
     """
 
     name: ClassVar[str] = ""
@@ -196,14 +210,17 @@ def _spec_of(z: State) -> _Spec:
 
 
 def _flatten(z: State, spec: _Spec) -> Tensor:
-    parts = z if isinstance(z, tuple) else (z,)
-    flat = [t.reshape(t.shape[0], -1).to(spec.work_dtype) for t in parts]
+    parts = z if spec.is_tuple else (z,)
+    # ``.to`` only where the dtype differs: on small problems every dispatch counts.
+    flat = [t.reshape(t.shape[0], -1) for t in parts]
+    flat = [t if t.dtype == spec.work_dtype else t.to(spec.work_dtype) for t in flat]
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
 def _unflatten(flat: Tensor, spec: _Spec) -> State:
     pieces = flat.split(list(spec.sizes), dim=1) if len(spec.sizes) > 1 else (flat,)
-    parts = tuple(p.reshape(shape).to(dt) for p, shape, dt in zip(pieces, spec.shapes, spec.dtypes))
+    parts = tuple(p.reshape(shape) if dt == p.dtype else p.reshape(shape).to(dt)
+                  for p, shape, dt in zip(pieces, spec.shapes, spec.dtypes))
     return parts if spec.is_tuple else parts[0]
 
 
@@ -213,6 +230,9 @@ def _describe(spec_shapes: Sequence[torch.Size]) -> str:
 
 def _check_output(out: Any, spec: _Spec) -> None:
     """f(z) must have the structure, shapes and dtypes of z0."""
+    if (not spec.is_tuple and isinstance(out, Tensor) and out.shape == spec.shapes[0]
+            and out.dtype == spec.dtypes[0]):
+        return
     parts = out if isinstance(out, tuple) else (out,)
     if isinstance(out, tuple) != spec.is_tuple or len(parts) != len(spec.shapes) or not all(
             isinstance(t, Tensor) for t in parts):
@@ -234,9 +254,27 @@ def residual(z: Tensor, fz: Tensor, stop_mode: str) -> Tensor:
     diff = torch.linalg.vector_norm(fz - z, dim=1)
     if stop_mode == "abs":
         return diff
-    fnorm = torch.linalg.vector_norm(fz, dim=1)
-    guarded = torch.where(diff == 0, torch.zeros_like(diff), torch.full_like(diff, float("inf")))
-    return torch.where(fnorm > 0, diff / fnorm, guarded)
+    # The guard without a branch: x / 0 = inf, and 0 / 0 = NaN is set to 0.
+    # Adding diff - diff (0, or NaN where diff is not finite) makes a non-finite
+    # f(z) or z NaN, never the guard's inf, even when ||f(z)|| is finite.
+    rel = (diff / torch.linalg.vector_norm(fz, dim=1)).add_(diff - diff)
+    return rel.masked_fill_(diff == 0, 0.0)
+
+
+def _stop_test(res: Tensor, tol: float, stop_mode: str) -> tuple[bool, bool]:
+    """(any sample non-finite, any sample above tol) from one reduction and one host sync.
+
+    ``max`` propagates NaN; stopped samples carry a residual ``<= tol``, so the
+    batch goes on exactly when the largest residual is above ``tol``.
+    """
+    worst = res.max().item()
+    bad = math.isnan(worst) or (stop_mode == "abs" and math.isinf(worst))
+    return bad, worst > tol
+
+
+def _non_finite(res: Tensor, stop_mode: str) -> Tensor:
+    """Samples whose f(z) was not finite, read off the residual (+inf is the rel guard's value)."""
+    return torch.isnan(res) if stop_mode == "rel" else ~torch.isfinite(res)
 
 
 def _check_budget(tol: float, max_iter: int, stop_mode: str) -> None:
@@ -272,9 +310,9 @@ def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "a
         z0: initial guess, a tensor or a tuple of tensors, batch first.
         solver: a :class:`Solver` object or a name from :func:`solver_names`.
         tol: stopping tolerance on the residual (see module docstring).
-        max_iter: iterations at most; each costs one f-call (Broyden's line
-            search may add calls, all counted in ``nstep``). The call ``f(z0)``
-            is the first iteration.
+        max_iter: iterations at most; each is one call of ``f`` on the batch
+            (a line-search trial is an iteration too). The call ``f(z0)`` is
+            the first iteration.
         stop_mode: ``"rel"`` or ``"abs"``.
         stage: a name used in error messages (``"forward"``, ``"backward"``).
 
@@ -285,7 +323,9 @@ def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "a
     Raises:
         ValueError: ``f`` returned another structure, shape or dtype than ``z0``,
             unknown solver name or stop mode, invalid ``tol``/``max_iter``.
-        NonFiniteError: ``f`` returned NaN/inf for a sample still iterating.
+        NonFiniteError: ``f`` returned NaN/inf for a sample still iterating (or
+            the solver's iterate overflowed); ``err.result`` holds the best
+            finite iterates found before.
 
     Example:
         >>> res = solve(torch.cos, torch.zeros(4, 1), solver="anderson", tol=1e-8)
@@ -305,48 +345,61 @@ def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "a
         nstep.add_(charge)
         return _flatten(out, spec)
 
+    # With a bf16/fp16 f the state is wider than what f sees; the residual (and
+    # the best iterate) are taken at the iterate as f saw it, rounded, because
+    # that is the z returned.
+    narrow = any(dt != spec.work_dtype for dt in spec.dtypes)
+
+    def result(trace: list[Tensor], n_iter: int) -> SolverResult:
+        steps = torch.stack(trace)
+        # The first step at which the lowest residual was reached is the step of
+        # the best iterate (it is replaced only on strict improvement).
+        best_step = steps.nan_to_num(nan=float("inf")).argmin(dim=0)
+        return SolverResult(z=_unflatten(best_z, spec), nstep=nstep, residual=best_res,
+                            converged=best_res <= tol, trace=steps, best_step=best_step, n_iter=n_iter,
+                            solver=algo.name, stop_mode=stop_mode, tol=tol)
+
     z = _flatten(z0, spec)
     fz = evaluate(z, torch.ones(batch, dtype=torch.bool, device=device))
     res = residual(z, fz, stop_mode)
-    bad = ~torch.isfinite(res)
-    if bad.any():
-        idx, shown = _sample_list(bad)
+    active = res > tol  # False for NaN
+    any_bad, keep_going = _stop_test(res, tol, stop_mode)
+    if any_bad:
+        idx, shown = _sample_list(_non_finite(res, stop_mode))
         raise NonFiniteError(f"{stage} solve: f(z0) returned non-finite values (NaN or inf) at step 0 "
                              f"for samples [{shown}]", stage=stage, step=0, samples=idx)
 
-    best_z, best_res = z.clone(), res.clone()
-    best_step = torch.zeros(batch, dtype=torch.int64, device=device)
-    active = res > tol
+    best_z, best_res = z.clone(), res
     trace = [res]
     state = algo.init(z, fz)
     n_iter = 1
-    keep_going = bool(active.any())
+    # Per iteration: one f-call, ~20 small tensor ops and one host sync. On
+    # small problems these ops cost as much as f, so each one is counted here.
     for it in range(1, max_iter):
         if not keep_going:
             break
         state, z, fz = algo.step(state, z, fz, active, evaluate)
-        res = torch.where(active, residual(z, fz, stop_mode), best_res)
         n_iter += 1
-        bad = ~torch.isfinite(res)
+        seen = _flatten(_unflatten(z, spec), spec) if narrow else z
+        # A stopped sample keeps its value (its z and f(z) no longer change),
+        # which is <= tol, so ``res > tol`` below also keeps it stopped.
+        res = torch.where(active, residual(seen, fz, stop_mode), best_res)
         improved = res < best_res  # False for NaN: a non-finite iterate never becomes the best
-        best_z = torch.where(improved[:, None], z, best_z)
         best_res = torch.where(improved, res, best_res)
-        best_step = torch.where(improved, it, best_step)
-        active = active & (res > tol)
+        active = res > tol
         trace.append(res)
-        # The one host sync per iteration: stop test and finiteness together.
-        any_bad, keep_going = torch.stack([bad.any(), active.any()]).tolist()
+        any_bad, keep_going = _stop_test(res, tol, stop_mode)
         if any_bad:
-            idx, shown = _sample_list(bad)
-            partial = SolverResult(
-                z=_unflatten(best_z, spec), nstep=nstep, residual=best_res, converged=best_res <= tol,
-                trace=torch.stack(trace), best_step=best_step, n_iter=n_iter, solver=algo.name,
-                stop_mode=stop_mode, tol=tol)
+            # Samples that were finite at this step keep this step's iterate if it is their best.
+            best_z = torch.where(improved[:, None], seen, best_z)
+            idx, shown = _sample_list(_non_finite(res, stop_mode))
             raise NonFiniteError(
-                f"{stage} solve ({algo.name}): f returned non-finite values (NaN or inf) at step {it} for "
-                f"samples [{shown}]; the best finite iterates are in this error's .result",
-                stage=stage, step=it, samples=idx, result=partial)
+                f"{stage} solve ({algo.name}): f returned non-finite values (NaN or inf), or the iterate did, "
+                f"at step {it} for samples [{shown}]; the best finite iterates are in this error's .result",
+                stage=stage, step=it, samples=idx, result=result(trace, n_iter))
+        # Every row of ``seen`` is finite here, so lerp with weights 0/1 is an
+        # exact row select (x + 0*(y-x) = x, y - (y-x)*0 = y), several times
+        # cheaper than torch.where on CPU.
+        best_z.lerp_(seen, improved.to(best_z.dtype)[:, None])
 
-    return SolverResult(z=_unflatten(best_z, spec), nstep=nstep, residual=best_res,
-                        converged=best_res <= tol, trace=torch.stack(trace), best_step=best_step,
-                        n_iter=n_iter, solver=algo.name, stop_mode=stop_mode, tol=tol)
+    return result(trace, n_iter)

@@ -10,35 +10,47 @@ from torch import Tensor
 from .base import Solver, register
 
 
-def _apply(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-    """``H x`` with ``H = -I + sum_i u_i v_i^T`` stored as rows of ``U``, ``V`` (B, mem, D)."""
-    return torch.bmm(U.transpose(1, 2), torch.bmm(V, x[:, :, None])).squeeze(2) - x
-
-
-def _apply_t(U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-    """``H^T x``."""
-    return torch.bmm(V.transpose(1, 2), torch.bmm(U, x[:, :, None])).squeeze(2) - x
-
-
 @register("broyden")
 @dataclass(frozen=True)
 class Broyden(Solver):
     """Broyden's ("good") method on ``g(z) = f(z) - z`` with a low-rank inverse Jacobian.
 
     Keeps ``H ~ J_g^{-1} = -I + sum_i u_i v_i^T`` with at most ``memory`` rank-one
-    terms in fixed-size buffers (a ring: the oldest term is overwritten), so its
-    working memory is ``2 * memory * B * D`` whatever ``max_iter`` is. Per step::
+    terms in fixed-size buffers, so its working memory is
+    ``(2 memory + 11) B D + 6 memory B`` numbers (terms, work vectors, mask;
+    ``2 B D + 3 B`` more with the line search) whatever ``max_iter`` is. Per step::
 
         d = -H g(z);  z' = z + alpha d
         s = z' - z,  y = g(z') - g(z)
         H <- H + (s - H y) (s^T H) / (s^T H y)
 
-    When the update degenerates (``|s^T H y|`` tiny against ``|s| |H y|``, or not
-    finite) the sample restarts from ``H = -I``. With ``line_search=True``,
-    ``alpha`` backtracks from 1 by halves until the Armijo-type sufficient
-    decrease ``||g(z')|| <= (1 - c alpha) ||g(z)||`` holds (``c = 1e-4``), per
-    sample, at most ``max_ls_iter`` tries; every trial is an f-call counted in
-    ``nstep`` for the samples still searching.
+    When the memory is full, every sample restarts from ``H = -I`` and this
+    step's update is applied to ``-I`` (restarted L-Broyden). Overwriting only
+    the oldest term instead breaks the secant equations that the later terms
+    were built on; on a tanh contraction with ``rho(J) = 0.99`` that version
+    stalls at a relative residual of ~1e-2, where restarting converges in ~60
+    steps. The update degenerates when ``s^T H y`` is lost in rounding,
+    ``|s^T H y| <= sqrt(eps) |s| |H y|`` (``eps`` of the working dtype), or is
+    not finite; that sample alone then restarts from ``H = -I`` (its next step
+    is a plain fixed-point step).
+
+    With ``line_search=True``, ``alpha`` backtracks from 1 by halves until the
+    Armijo-type sufficient decrease ``||g(z')|| <= (1 - c alpha) ||g(z)||`` holds
+    (``c = 1e-4``), per sample, at most ``max_ls_iter`` trials (the last one is
+    taken if none passes). Each trial is one iteration of the solve loop and
+    one f-call charged to that sample: in one call of ``f`` on the batch some
+    samples try a shorter step while others take a new one, so no sample waits
+    for another and no host sync is needed. The search makes Broyden safe
+    where a full step overshoots, at the price of extra calls where it does
+    not: Broyden's steps are not monotone in ``||g||``.
+
+    Each update reads the terms in use twice: ``[U; V] [g', s]`` then one
+    product of the buffer with the coefficients gives ``H g(z')`` (the next
+    direction) and ``H^T s`` (the new ``v``) together; ``H y`` is
+    ``H g(z') - H g(z)``. With the line search, H may change between the
+    accepted point and the trial (a restart when the memory fills), so ``H y``
+    joins the same two passes instead. With the line search, trials also
+    advance the memory's restart cycle.
 
     Args:
         memory: number of rank-one terms kept, ``memory >= 1``.
@@ -62,7 +74,6 @@ class Broyden(Solver):
     max_ls_iter: int = 5
 
     _ARMIJO_C = 1e-4
-    _DEGENERATE = 1e-10
 
     def __post_init__(self) -> None:
         for name in ("memory", "max_ls_iter"):
@@ -73,48 +84,156 @@ class Broyden(Solver):
     def init(self, z: Tensor, fz: Tensor) -> dict:
         batch, dim = z.shape
         new = dict(dtype=z.dtype, device=z.device)
-        return {"U": torch.zeros(batch, self.memory, dim, **new),
-                "V": torch.zeros(batch, self.memory, dim, **new), "k": 0}
+        # Two work buffers, used in turn, each holding [g(z), y, s, H g(z), H y]
+        # for one step: the products below read them in place (no stacking
+        # copies), and the previous step's g survives in the other one.
+        work = (torch.empty(batch, 5, dim, **new), torch.empty(batch, 5, dim, **new))
+        state = {
+            # Term i is u_i in row 2i and v_i in row 2i + 1: the terms in use are
+            # always a prefix of the buffer, so each pass reads only that prefix.
+            "UV": torch.zeros(batch, 2 * self.memory, dim, **new),
+            # Which products enter the second pass: rows 0, 1 (for g and y) take
+            # v_i . x at u_i's place, row 2 (for s) takes u_i . s at v_i's place,
+            # where term i is live. A restart zeroes a sample's mask, not its buffers.
+            "mask": torch.zeros(batch, 3, 2 * self.memory, **new),
+            "work": work,
+            # Views made once, not per step: on small problems each indexing op
+            # costs about as much as the arithmetic it feeds.
+            "rows": tuple(w.unbind(1) for w in work),
+            "pass_rows": tuple((w[:, :3], w[:, 0:3:2]) for w in work),  # (g, y, s) and (g, s)
+            "dot_views": tuple((w[:, 2::2], w[:, 2:].transpose(1, 2)) for w in work),
+            "slots": [None] * self.memory,
+            "k": 0,
+        }
+        if self.line_search:
+            # The accepted point of each sample, its g and ||g||, the direction
+            # from it, the step length being tried and the trials so far.
+            g = fz - z
+            state.update(z_base=z.clone(), g_base=g, gn_base=torch.linalg.vector_norm(g, dim=1),
+                         d=g.clone(), alpha=torch.ones(batch, **new),
+                         trials=torch.ones(batch, dtype=torch.int64, device=z.device))
+        return state
 
-    def _search(self, z, g, d, active, evaluate):
-        """Backtracking from alpha = 1; returns the accepted (z', f(z'))."""
-        g_norm = torch.linalg.vector_norm(g, dim=1)
-        searching = active.clone()
-        z_try = z + d
-        fz_try = evaluate(z_try, searching)
-        alpha = 1.0
-        for _ in range(self.max_ls_iter - 1):
-            g_try = torch.linalg.vector_norm(fz_try - z_try, dim=1)
-            searching &= ~(g_try <= (1 - self._ARMIJO_C * alpha) * g_norm)
-            if not searching.any():
-                break
-            alpha *= 0.5
-            z_try = torch.where(searching[:, None], z + alpha * d, z_try)
-            fz_try = evaluate(z_try, searching)
-        return z_try, fz_try
+    def _slot_views(self, state: dict, slot: int) -> tuple:
+        """Views of term ``slot`` and of the live prefix before it, built once per slot."""
+        views = state["slots"][slot]
+        if views is None:
+            UV, mask = state["UV"], state["mask"]
+            live = UV[:, :2 * slot]
+            views = (UV[:, 2 * slot], UV[:, 2 * slot + 1], mask[:, 0:2, 2 * slot], mask[:, 2, 2 * slot + 1],
+                     live, live.transpose(1, 2), (mask[:, :, :2 * slot], mask[:, 0:3:2, :2 * slot]))
+            state["slots"][slot] = views
+        return views
+
+    def _update(self, state: dict, k: int, accept: Tensor, g_prev: Tensor | None = None,
+                Hg_prev: Tensor | None = None) -> Tensor:
+        """Broyden update of H with the rows (g', y, s) of this step's work buffer; returns H' g'.
+
+        Only samples in ``accept`` are updated (a degenerate update restarts
+        the sample from H = -I); the returned H' g' is meaningful for them.
+        Without the line search every sample takes every step, ``g_prev`` and
+        ``Hg_prev = H g_prev`` (under the current H) are known, and
+        ``H y = H g' - H g_prev`` needs no product of its own.
+        """
+        mask = state["mask"]
+        g_new, y, s, Hg_new, Hy = state["rows"][k % 2]
+        slot = (k - 1) % self.memory
+        u, v, mask_u, mask_v, live, live_t, (live_mask, live_mask_gs) = self._slot_views(state, slot)
+        if slot == 0:
+            # First update, or memory full: every sample restarts from H = -I and
+            # this update is applied to -I (restarted L-Broyden; dropping only
+            # the oldest term would break the secant equations of the rest).
+            mask.zero_()
+            torch.neg(g_new, out=Hg_new)
+            if Hg_prev is None:
+                torch.neg(y, out=Hy)
+            else:
+                torch.sub(g_prev, g_new, out=Hy)
+            torch.neg(s, out=v)
+        elif Hg_prev is None:
+            # Pass 1: [g'; y; s] . [u_0; v_0; u_1; ...]. Pass 2, one product:
+            # rows sum_i u_i (v_i . g'), sum_i u_i (v_i . y), sum_i v_i (u_i . s),
+            # so that H x = -x + row (x = g', y) and v = H^T s = -s + row 2.
+            prods = torch.bmm(state["pass_rows"][k % 2][0], live_t)  # (B, 3, 2 slot)
+            coef = prods.unflatten(2, (slot, 2)).flip(3).flatten(2).mul_(live_mask)
+            low_rank = torch.bmm(coef, live).unbind(1)  # 3 x (B, D)
+            torch.sub(low_rank[0], g_new, out=Hg_new)
+            torch.sub(low_rank[1], y, out=Hy)
+            torch.sub(low_rank[2], s, out=v)
+        else:
+            # The same with rows (g', s) only.
+            prods = torch.bmm(state["pass_rows"][k % 2][1], live_t)  # (B, 2, 2 slot)
+            coef = prods.unflatten(2, (slot, 2)).flip(3).flatten(2).mul_(live_mask_gs)
+            low_rank = torch.bmm(coef, live).unbind(1)  # 2 x (B, D)
+            torch.sub(low_rank[0], g_new, out=Hg_new)
+            torch.sub(low_rank[1], s, out=v)
+            torch.sub(Hg_new, Hg_prev, out=Hy)
+
+        # Rows (s, Hy) times (s, H g', Hy): s.s, s.Hg' (= v.g'), s.Hy (= s^T H y), Hy.Hy.
+        left, right = state["dot_views"][k % 2]
+        ss, sHg, sHy, _, _, HyHy = torch.bmm(left, right).flatten(1).unbind(1)
+        size = ss * HyHy
+        # |s^T H y| > sqrt(eps) |s| |H y| (False for NaN), and s^T H y bounded away
+        # from 0 (Cauchy-Schwarz then bounds |s| |Hy| too) so u stays finite.
+        ok = (sHy * sHy > size.mul_(torch.finfo(s.dtype).eps).clamp_min_(torch.finfo(s.dtype).tiny)) & accept
+        restart = accept ^ ok  # accepted but degenerate
+        ok_w, restart_w = ok.to(s.dtype), restart.to(s.dtype)
+        torch.sub(s, Hy, out=u).div_(torch.where(ok, sHy, 1.0)[:, None])
+
+        # H' g' = H g' + u (v . g') for updated samples, -g' for restarted ones.
+        Hg_next = torch.addcmul(Hg_new, u, (sHg * ok_w)[:, None])
+        Hg_next.lerp_(g_new.neg(), restart_w[:, None])  # exact row select
+
+        mask.mul_((1 - restart_w)[:, None, None])
+        mask_u.copy_(ok_w[:, None].expand(-1, 2))
+        mask_v.copy_(ok_w)
+        return Hg_next
 
     def step(self, state, z, fz, active, evaluate):
-        U, V, k = state["U"], state["V"], state["k"]
-        g = fz - z
-        d = (-_apply(U, V, g)).where(active[:, None], torch.zeros_like(g))
+        # Step k evaluates one new point per sample. From step 1 on, the point
+        # evaluated by step k - 1 arrives as (z, fz) and, once accepted, gives
+        # the pair (s, y) of the Broyden update.
+        k = state["k"]
+        g_new, y, s, _, _ = state["rows"][k % 2]
+        nxt = state["rows"][(k + 1) % 2]
+        torch.sub(fz, z, out=g_new)
+        weight = active.to(z.dtype)
         if self.line_search:
-            z_new, fz_new = self._search(z, g, d, active, evaluate)
+            z_new = self._search_step(state, k, z, g_new, y, s, active, weight)
         else:
+            # nxt[0] is the previous g, and s (the previous d) is already in place.
+            Hg = g_new.neg() if k == 0 else self._update(state, k, active, nxt[0], state["Hg"])
+            state["Hg"] = Hg
+            # d = -H g', written where the next step reads s; zero for stopped samples.
+            d = torch.mul(Hg, weight.neg()[:, None], out=nxt[2])
             z_new = z + d
-            fz_new = evaluate(z_new, active)
-        s = z_new - z
-        y = (fz_new - z_new) - g
-        Hy = _apply(U, V, y)
-        v = _apply_t(U, V, s)
-        denom = (v * y).sum(dim=1)
-        size = torch.linalg.vector_norm(s, dim=1) * torch.linalg.vector_norm(Hy, dim=1)
-        ok = active & torch.isfinite(denom) & (denom.abs() > self._DEGENERATE * size) & (size > 0)
-        u = ((s - Hy) / torch.where(ok, denom, torch.ones_like(denom))[:, None])
-        keep = ok[:, None]
-        slot = k % self.memory
-        # Degenerate samples restart from H = -I: clear their terms.
-        U.mul_(keep[:, :, None] | active.logical_not()[:, None, None])
-        V.mul_(keep[:, :, None] | active.logical_not()[:, None, None])
-        U[:, slot] = torch.where(keep, u, U[:, slot])
-        V[:, slot] = torch.where(keep, v, V[:, slot])
-        return {"U": U, "V": V, "k": k + 1}, z_new, fz_new
+        return {**state, "k": k + 1}, z_new, evaluate(z_new, active)
+
+    def _search_step(self, state, k, z, g_new, y, s, active, weight):
+        """The next point with the line search: a new step where the last trial is accepted, else a shorter trial.
+
+        Per sample, with no host sync: the trial ``z_base + alpha d`` is accepted
+        when ``||g|| <= (1 - c alpha) ||g(z_base)||`` or after ``max_ls_iter``
+        trials; then H is updated with ``s = z - z_base`` and the next trial is
+        ``z + d'`` with ``d' = -H' g``; otherwise ``alpha`` halves.
+        """
+        z_base, g_base, d, alpha = state["z_base"], state["g_base"], state["d"], state["alpha"]
+        if k == 0:
+            accept = active  # z0 is the first accepted point; its direction is g (H = -I)
+            trials = state["trials"]
+        else:
+            gn = torch.linalg.vector_norm(g_new, dim=1)
+            armijo = gn <= (1 - self._ARMIJO_C * alpha) * state["gn_base"]
+            accept = active & (armijo | (state["trials"] >= self.max_ls_iter))
+            torch.sub(g_new, g_base, out=y)
+            torch.sub(z, z_base, out=s)
+            Hg = self._update(state, k, accept)
+            accept_w = accept.to(z.dtype)[:, None]
+            d.lerp_(Hg.neg_(), accept_w)  # exact row select: a new direction where accepted
+            z_base.lerp_(z, accept_w)
+            g_base.lerp_(g_new, accept_w)
+            state["gn_base"] = torch.where(accept, gn, state["gn_base"])
+            trials = torch.where(accept, 1, state["trials"] + 1)
+        state["alpha"] = alpha = torch.where(accept, 1.0, alpha * 0.5)
+        state["trials"] = trials
+        return z.lerp(torch.addcmul(z_base, alpha[:, None], d), weight[:, None])
