@@ -38,14 +38,6 @@ def _id(solver) -> str:
 solver_param = pytest.mark.parametrize("solver", SOLVERS, ids=_id)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: a second BLAS/OpenMP thread only adds spin-waits,
-    which on a loaded machine turn a 40 x 40 product into milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------

@@ -21,13 +21,6 @@ from deq.models.adaptive import AdaptiveEmbedding, AdaptiveSoftmax, TiedAdaptive
 from deq.models.transformer import (TRANSFORMER_PRESETS, DEQTransformerLM, TransformerInput, TransformerMemory,
                                     rel_shift, sinusoid_embedding)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only contend (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SMALL = dict(n_token=23, d_model=8, n_head=2, d_head=4, d_inner=16, mem_len=6, init_std=2.0)

@@ -22,13 +22,6 @@ SMALL = dict(ntoken=40, ninp=8, nhid=6, nout=8, kernel_size=2, dropout=0.0, drop
              emb_dropout=0.0, wdrop=0.0, cutoffs=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids OpenMP contention slowdowns on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small(deq_layer=deq.DEQLayer, dtype=torch.float64, seed=0, **overrides) -> DEQTrellisNetLM:

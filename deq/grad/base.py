@@ -12,9 +12,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from .._registry import Registry
 from ..solvers.base import SolverResult, State, _flatten, _spec_of, _unflatten
 
-_REGISTRY: dict[str, Callable[[], "Backward"]] = {}
 
 Report = Callable[[SolverResult], None]
 
@@ -40,37 +40,18 @@ class Backward:
         raise NotImplementedError  # abstract
 
 
-def register(name: str, factory: Callable[[], Backward] | None = None):
-    """Make a backward pass buildable by ``name`` (``backward="name"``)."""
-
-    def deco(cls):
-        if isinstance(cls, type):
-            cls.name = name
-        _REGISTRY[name] = factory or cls
-        return cls
-
-    return deco
+_BACKWARDS: Registry[Backward] = Registry("backward", Backward, plural="backward passes")
+register = _BACKWARDS.register
 
 
 def backward_names() -> list[str]:
     """The names accepted by ``backward=`` (sorted)."""
-    return sorted(_REGISTRY)
+    return _BACKWARDS.names()
 
 
 def get_backward(backward: "Backward | str") -> Backward:
-    """A backward object from an object or a registered name.
-
-    Raises:
-        ValueError: unknown name (the message lists the known ones).
-        TypeError: neither a name nor a :class:`Backward`.
-    """
-    if isinstance(backward, Backward):
-        return backward
-    if isinstance(backward, str):
-        if backward not in _REGISTRY:
-            raise ValueError(f"unknown backward {backward!r}; known backward passes: {', '.join(backward_names())}")
-        return _REGISTRY[backward]()
-    raise TypeError(f"backward must be a Backward or one of {backward_names()}, got {type(backward).__name__}")
+    """A backward object from an object or a registered name (``ValueError`` lists the names)."""
+    return _BACKWARDS.get(backward)
 
 
 def as_tuple(z: State) -> tuple[Tensor, ...]:

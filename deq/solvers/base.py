@@ -38,10 +38,11 @@ from typing import Any, Callable, ClassVar, Sequence, Union
 import torch
 from torch import Tensor
 
+from .._registry import Registry
+
 State = Union[Tensor, tuple[Tensor, ...]]
 
 STOP_MODES = ("abs", "rel")
-_REGISTRY: dict[str, type["Solver"]] = {}
 
 
 class NonFiniteError(FloatingPointError):
@@ -141,36 +142,18 @@ class Solver:
         raise NotImplementedError  # abstract
 
 
-def register(name: str):
-    """Class decorator: make a solver buildable by ``name`` (``solver="name"``)."""
-
-    def deco(cls: type[Solver]) -> type[Solver]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
+_SOLVERS: Registry[Solver] = Registry("solver", Solver, plural="solvers")
+register = _SOLVERS.register
 
 
 def solver_names() -> list[str]:
     """The names accepted by ``solver=`` (sorted)."""
-    return sorted(_REGISTRY)
+    return _SOLVERS.names()
 
 
 def get_solver(solver: "Solver | str") -> Solver:
-    """A solver object from an object or a registered name.
-
-    Raises:
-        ValueError: unknown name (the message lists the known ones).
-        TypeError: neither a name nor a :class:`Solver`.
-    """
-    if isinstance(solver, Solver):
-        return solver
-    if isinstance(solver, str):
-        if solver not in _REGISTRY:
-            raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(solver_names())}")
-        return _REGISTRY[solver]()
-    raise TypeError(f"solver must be a Solver or one of {solver_names()}, got {type(solver).__name__}")
+    """A solver object from an object or a registered name (``ValueError`` lists the names)."""
+    return _SOLVERS.get(solver)
 
 
 # ----------------------------------------------------------------------------
