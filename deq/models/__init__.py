@@ -8,7 +8,8 @@ turns either into its explicit weight-tied twin (L layers, ordinary autograd).
 """
 
 from .transformer import TRANSFORMER_PRESETS, DEQTransformerBlock, DEQTransformerLM
-from .trellisnet import TRELLISNET_PRESETS, DEQTrellisNetLM, LMOutput, TrellisNetCell
+from .output import LMOutput
+from .trellisnet import TRELLISNET_PRESETS, DEQTrellisNetLM, TrellisNetCell
 
 __all__ = ["DEQTransformerBlock", "DEQTransformerLM", "DEQTrellisNetLM", "LMOutput", "TRANSFORMER_PRESETS",
            "TRELLISNET_PRESETS", "TrellisNetCell"]

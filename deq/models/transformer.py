@@ -62,7 +62,7 @@ from ..layer import DEQLayer
 from .adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from .dropout import VariationalDropout, locked_dropout
 # One LMOutput for both language models (defined first by the TrellisNet model).
-from .trellisnet import LMOutput
+from .output import LMOutput
 from .weight_norm import apply_weight_norm, cached_weights
 
 __all__ = ["DEQTransformerBlock", "DEQTransformerLM", "LMOutput", "TRANSFORMER_PRESETS",

@@ -48,8 +48,7 @@ needs nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +57,7 @@ from torch import Tensor, nn
 from deq.layer import DEQLayer
 from deq.models.adaptive import AdaptiveEmbedding, TiedAdaptiveLogSoftmax
 from deq.models.dropout import VariationalDropout, embedding_dropout, locked_dropout
+from deq.models.output import LMOutput
 from deq.models.weight_norm import apply_weight_norm, cached_weights, weight_dropconnect
 
 __all__ = ["DEQTrellisNetLM", "LMOutput", "TRELLISNET_PRESETS", "TrellisNetCell"]
@@ -78,32 +78,6 @@ TRELLISNET_PRESETS: dict[str, dict] = {
     "tiny": dict(ntoken=10000, ninp=32, nhid=48, nout=32, kernel_size=2, dropout=0.1, dropouti=0.1,
                  dropouth=0.1, emb_dropout=0.0, wdrop=0.0, cutoffs=None),
 }
-
-
-@dataclass(frozen=True)
-class LMOutput:
-    """What one language-model forward over a segment returns (both DEQ language models).
-
-    Attributes:
-        loss: mean negative log-likelihood (nats) over the target tokens, a
-            scalar with a graph; ``None`` without a target.
-        nll_sum: summed NLL over the target tokens (for exact corpus perplexity:
-            ``exp(sum nll_sum / sum n_tokens)``); ``None`` without a target.
-        n_tokens: number of target tokens (0 without a target).
-        mems: what the next segment needs, detached; pass it back as
-            ``mems=``. Model-specific: for DEQ-TrellisNet the pair ``(h0, c0)``,
-            each ``(B, nhid + nout, 1)``, the last time step of this segment's
-            equilibrium.
-        logits: without a target, the ``(B, L, ntoken)`` next-token
-            log-probabilities (normalised logits); ``None`` with a target (not
-            materialised, to save memory).
-    """
-
-    loss: Tensor | None
-    nll_sum: Tensor | None
-    n_tokens: int
-    mems: Any
-    logits: Tensor | None = None
 
 
 def _check_size(name: str, value: int, minimum: int = 1) -> int:
