@@ -69,6 +69,31 @@ def test_variational_dropout_mask_fixed_until_reset():
     assert not torch.equal(drop(h), first)
 
 
+@pytest.mark.parametrize("p", [0.2, 0.8])
+def test_every_dropout_mask_keeps_1_minus_p_and_has_mean_one(p):
+    """Keep fraction 1 - p and expected scale 1 for each mask producer (p != 0.5 on purpose:
+    ``Tensor.bernoulli_()`` without an argument keeps with probability 0.5 whatever p is)."""
+    torch.manual_seed(0)
+    n = 200_000
+    drop = VariationalDropout(p)
+    ones = torch.ones(n, 1, 1)
+    drop.reset(ones)
+    weight_drop = WeightDropout(p, temporal=False)
+    weight_drop.reset(torch.ones(n, 1))
+    masks = {
+        "variational": drop(ones).flatten(),
+        "locked": locked_dropout(torch.ones(n, 1, 2), p).flatten()[::2],
+        "embedding": embedding_dropout_mask(torch.arange(n), n, p).flatten(),
+        "weight": weight_drop(torch.ones(n, 1)).flatten(),
+    }
+    for name, mask in masks.items():
+        kept = (mask != 0).double().mean().item()
+        assert abs(kept - (1 - p)) < 0.01, (name, kept)
+        assert abs(mask.double().mean().item() - 1.0) < 0.03, (name, mask.mean().item())
+        values = mask.unique()
+        assert len(values) == 2 and values[0] == 0 and torch.isclose(values[1], torch.tensor(1 / (1 - p))), name
+
+
 def test_variational_dropout_contract_errors_and_eval():
     drop = VariationalDropout(0.3)
     with pytest.raises(RuntimeError, match="call reset"):

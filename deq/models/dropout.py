@@ -55,7 +55,9 @@ def _check_p(p: float) -> float:
 def _bernoulli_mask(shape: list[int] | tuple[int, ...], p: float, *, like: Tensor) -> Tensor:
     """Entries 0 with probability p, else 1 / (1 - p); dtype and device of ``like``."""
     # Draw in float32 (bernoulli on half/bfloat16 is not supported on every device), then cast.
-    keep = torch.full(tuple(shape), 1.0 - p, dtype=torch.float32, device=like.device).bernoulli_()
+    # ``bernoulli_(q)`` takes the keep probability as its argument: the tensor's
+    # own values are ignored (``bernoulli_()`` would keep with probability 0.5).
+    keep = torch.empty(tuple(shape), dtype=torch.float32, device=like.device).bernoulli_(1.0 - p)
     return keep.div_(1.0 - p).to(like.dtype)
 
 
@@ -202,7 +204,7 @@ def embedding_dropout_mask(input: Tensor, num_embeddings: int, p: float, *, trai
     p = _check_p(p)
     if not training or p == 0.0:
         return None
-    rows = torch.full((num_embeddings,), 1.0 - p, dtype=torch.float32, device=input.device).bernoulli_()
+    rows = torch.empty((num_embeddings,), dtype=torch.float32, device=input.device).bernoulli_(1.0 - p)
     return rows.div_(1.0 - p).to(dtype)[input].unsqueeze(-1)
 
 
