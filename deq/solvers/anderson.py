@@ -28,7 +28,11 @@ class Anderson(Solver):
     updated one column per step (``O(m D)`` work, not ``O(m^2 D)``), in the
     same pass over the history as the right-hand side ``dG^T g``. A sample
     whose system is singular or gives a non-finite ``gamma`` falls back to the
-    plain mixing step ``z + beta * g`` for that iteration (never a crash).
+    plain mixing step ``z + beta * g`` for that iteration (never a crash). A
+    sample whose residual has not fallen below its best for ``m`` steps restarts:
+    its history is dropped (masked out of the system) and it takes the plain
+    step, because undamped Anderson can cycle on a plateau of a nonlinear ``f``
+    (seen on a DEQ-Transformer block at init, where plain iteration converges).
     Working memory: ``(2 m + 4) B D + m^2 B`` numbers (the history, two work
     pairs and the Gram matrices), whatever ``max_iter`` is.
 
@@ -83,12 +87,19 @@ class Anderson(Solver):
             # costs about as much as the arithmetic it feeds.
             "dG_t": dG.transpose(1, 2), "diag": gram.diagonal(dim1=1, dim2=2),
             "slots": tuple((dG[:, i], dY[:, i], gram[:, i], gram[:, :, i]) for i in range(self.m)),
+            # Per sample and slot: 1 where the column belongs to the current run
+            # of the history (0 after a restart, until the slot is rewritten).
+            "valid": torch.zeros(batch, self.m, **new),
+            # Lowest squared residual of the current run and the steps since it fell.
+            "best_sq": torch.full((batch, 1), float("inf"), **new),
+            "stale": torch.zeros(batch, 1, **new),
         }
 
     def step(self, state, z, fz, active, evaluate):
         k = state["k"]
         dg, g = state["rows"][k % 2]
         torch.sub(fz, z, out=g)
+        g_sq = g.square().sum(dim=1, keepdim=True)
         weight = active.to(z.dtype)[:, None]  # 0 freezes a stopped sample
         mixed = fz if self.beta == 1.0 else torch.add(z, g, alpha=self.beta)  # z + beta g
         if k == 0:
@@ -106,10 +117,24 @@ class Anderson(Solver):
             prods = torch.bmm(state["pairs"][k % 2], state["dG_t"])  # (B, 2, m)
             gram_row.copy_(prods[:, 0])
             gram_col.copy_(prods[:, 0])
-            ridge = torch.add(state["tiny"], state["diag"].amax(dim=1, keepdim=True), alpha=self.lam)
-            system = torch.addcmul(state["gram"], ridge.unsqueeze(2), state["eye"])
+            # Restart: a sample whose residual has not fallen below its best for
+            # ``m`` steps drops its history and takes the plain mixing step:
+            # on a nonlinear f Anderson can otherwise cycle on a plateau.
+            valid, best_sq, stale = state["valid"], state["best_sq"], state["stale"]
+            improved = g_sq < best_sq
+            torch.minimum(best_sq, g_sq, out=best_sq)
+            stale.add_(1.0).mul_(~improved)
+            keep = stale < self.m
+            valid[:, (k - 1) % self.m] = 1.0
+            valid.mul_(keep)
+            stale.mul_(keep)
+            best_sq.copy_(torch.where(keep, best_sq, g_sq))
+            outer = valid.unsqueeze(2) * valid.unsqueeze(1)
+            masked = state["gram"] * outer
+            ridge = torch.add(state["tiny"], masked.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True), alpha=self.lam)
+            system = torch.addcmul(masked, ridge.unsqueeze(2), state["eye"])
             # gamma (B, 1, m) as a row: gamma A = rhs^T, the same as A gamma^T = rhs (A symmetric).
-            gamma, info = torch.linalg.solve_ex(system, prods[:, 1:], left=False)
+            gamma, info = torch.linalg.solve_ex(system, prods[:, 1:] * valid.unsqueeze(1), left=False)
             # A singular or non-finite solve falls back to the plain mixing step.
             ok = (info.view(-1, 1, 1) == 0) & gamma.sum(dim=2, keepdim=True).isfinite()
             gamma = torch.where(ok, gamma, 0.0)
