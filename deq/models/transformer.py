@@ -446,8 +446,9 @@ class DEQTransformerLM(nn.Module):
             z = self.deq(x, emb.new_zeros(batch, qlen, self.d_model))
 
         keep = min(self.mem_len, klen)
-        new_mems = TransformerMemory(z=torch.cat([mems.z, z.detach()], dim=1)[:, klen - keep:],
-                                     u=u.detach()[:, klen - keep:])
+        # clone: a slice would keep the whole segment's storage alive until the next one.
+        new_mems = TransformerMemory(z=torch.cat([mems.z, z.detach()], dim=1)[:, klen - keep:].clone(),
+                                     u=u.detach()[:, klen - keep:].clone())
         h = locked_dropout(z, self.dropout, time_dim=1, training=self.training)
         flat = h.reshape(batch * qlen, self.d_model)
         if target is None:
