@@ -60,12 +60,7 @@ def plot_convergence(traces: Mapping[str, torch.Tensor], path: str | Path, *, to
     ax.set_xlabel("iteration")
     ax.set_ylabel("residual")
     ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_learning_curves(records: Sequence[dict], path: str | Path, *,
@@ -100,9 +95,14 @@ def plot_learning_curves(records: Sequence[dict], path: str | Path, *,
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean NLL, nats)")
     ax.set_title(title)
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: str | Path) -> Path:
+    """Legend, layout, PNG at 120 dpi; the figure is closed."""
     ax.legend()
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
