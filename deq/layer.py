@@ -198,6 +198,7 @@ class DEQLayer(nn.Module):
         spec = _spec_of(z0)
         z, trace, prev = z0, [], _flatten(z0, spec).detach()
         for _ in range(steps):
+            last_in = z
             z = call(z)
             cur = _flatten(z, spec).detach()
             trace.append(residual(prev, cur, self.stop_mode))
@@ -205,7 +206,9 @@ class DEQLayer(nn.Module):
         trace = torch.stack(trace)
         batch = trace.shape[1]
         final = trace[-1]
-        detached = tuple(t.detach() for t in z) if isinstance(z, tuple) else z.detach()
+        # As in DEQ mode (z* recorded, f(z*) returned): the recorded z is the last
+        # input of f, whose residual ||f(z) - z|| is the one reported.
+        detached = tuple(t.detach() for t in last_in) if isinstance(last_in, tuple) else last_in.detach()
         self.last_result = SolverResult(
             z=detached, nstep=torch.full((batch,), steps, dtype=torch.int64, device=final.device),
             residual=final, converged=final <= tol, trace=trace,
