@@ -212,6 +212,10 @@ def test_unrolled_mode_equals_applying_f_L_times():
     res = layer.last_result
     assert res.solver == "unrolled" and res.n_iter == 4 and bool((res.nstep == 4).all())
     assert res.trace.shape == (4, 3)
+    # As in DEQ mode: the recorded z is the last input of f, and its residual is reported.
+    with torch.no_grad():
+        assert torch.equal(cell(res.z, x), z.detach())
+        assert torch.allclose(res.residual, (z - res.z).norm(dim=1) / z.norm(dim=1))
 
     layer.unroll_steps = None  # back to DEQ mode
     layer(x)
