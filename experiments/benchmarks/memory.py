@@ -19,7 +19,11 @@ with ``deq.unroll_steps = L``: equal parameters by construction). Per row:
   12-layer twin measured in the same run;
 * forward f-calls and backward solve steps per sample (DEQ rows).
 
-Run: ``python experiments/benchmarks/memory.py [--quick] [--out DIR] [--device cuda]``.
+``--paper`` measures the saved bytes (not the time) of the paper-sized PTB
+presets: DEQ-TrellisNet 24M (batch 16, 110 tokens) and the PTB DEQ-Transformer
+(batch 16, 70 tokens).
+
+Run: ``python experiments/benchmarks/memory.py [--quick | --paper] [--out DIR] [--device cuda]``.
 Writes ``memory.json`` into ``--out``.
 """
 
@@ -35,8 +39,8 @@ from pathlib import Path
 import torch
 
 import deq
-from deq.models.transformer import DEQTransformerLM
-from deq.models.trellisnet import DEQTrellisNetLM
+from deq.models.transformer import TRANSFORMER_PRESETS, DEQTransformerLM
+from deq.models.trellisnet import TRELLISNET_PRESETS, DEQTrellisNetLM
 
 
 class SavedBytes:
@@ -108,8 +112,18 @@ def _median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _families(quick: bool) -> dict[str, dict]:
-    if quick:
+def _families(mode: str) -> dict[str, dict]:
+    if mode == "paper":
+        # The paper-sized PTB presets, memory only: saved bytes do not depend on
+        # the iteration count (tests/test_grad.py pins it), so the DEQ rows run
+        # 3 iterations and nothing is timed (one f-call here takes seconds on a CPU).
+        return {
+            "transformer ptb": dict(cls=DEQTransformerLM, kw=TRANSFORMER_PRESETS["ptb"], batch=16, seq=70,
+                                    max_iter=3),
+            "trellisnet ptb": dict(cls=DEQTrellisNetLM, kw=TRELLISNET_PRESETS["ptb"], batch=16, seq=110,
+                                   max_iter=3),
+        }
+    if mode == "quick":
         return {
             "transformer": dict(cls=DEQTransformerLM, kw=dict(n_token=200, d_model=32, n_head=2, d_head=16,
                                                                d_inner=64, mem_len=8), batch=2, seq=8),
@@ -134,7 +148,7 @@ def _rows(quick: bool):
 
 def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int, quick: bool) -> list[dict]:
     torch.manual_seed(0)
-    layer = functools.partial(deq.DEQLayer, solver=deq.Anderson(m=5), tol=1e-3, max_iter=30,
+    layer = functools.partial(deq.DEQLayer, solver=deq.Anderson(m=5), tol=1e-3, max_iter=spec.get("max_iter", 30),
                               on_nonconvergence="ignore", fix_rng=False)
     model = spec["cls"](**spec["kw"], deq_layer=layer).to(device)
     vocab = spec["kw"].get("n_token", spec["kw"].get("ntoken"))
@@ -157,7 +171,8 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
             model.zero_grad(set_to_none=True)
             model(inp, tgt, mems=mems).loss.backward()
 
-        train_step()  # warm-up
+        if repeats:
+            train_step()  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -176,15 +191,19 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
         loss2.backward()
         model.zero_grad(set_to_none=True)
         peak_cuda = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
-        t_train = _median_time(train_step, repeats, device)
         model.eval()
 
         def eval_step():
             with torch.no_grad():
                 model(inp, tgt, mems=mems)
 
-        eval_step()
-        t_eval = _median_time(eval_step, repeats, device)
+        t_train = t_eval = float("nan")
+        if repeats:
+            model.train()
+            t_train = _median_time(train_step, repeats, device)
+            model.eval()
+            eval_step()
+            t_eval = _median_time(eval_step, repeats, device)
         out.append(dict(family=name, method=label, saved_bytes=meter.total, layer_bytes=meter.in_layer,
                         layer_act_bytes=meter2.in_layer - meter.in_layer,
                         cuda_peak_bytes=peak_cuda,
@@ -227,20 +246,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (CI smoke run)")
     parser.add_argument("--out", default="bench_out", help="directory for memory.json")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper-sized PTB presets, saved bytes only (no timing; minutes on a CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    repeats = 1 if args.quick else args.repeats
+    mode = "quick" if args.quick else "paper" if args.paper else "default"
+    repeats = 1 if args.quick else 0 if args.paper else args.repeats
     rows = []
-    for name, spec in _families(args.quick).items():
+    for name, spec in _families(mode).items():
         rows += measure_family(name, spec, device=device, repeats=repeats, quick=args.quick)
     print(f"device={device} threads={args.threads} repeats={repeats} (median)")
     print_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(rows, indent=2))
+    (out / ("memory_paper.json" if args.paper else "memory.json")).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
