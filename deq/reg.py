@@ -15,6 +15,14 @@ def _batch_sq_norm(parts: tuple[Tensor, ...]) -> Tensor:
     return sum(p.reshape(p.shape[0], -1).pow(2).sum(dim=1) for p in parts)
 
 
+def _graph_at(f, z: State, x: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """One graph of ``f`` at the detached ``z``: ``(f(z) parts, z parts)`` for VJPs."""
+    z_in = detached_input(z)
+    with torch.enable_grad():
+        fz = as_tuple(f(z_in, x))
+    return fz, as_tuple(z_in)
+
+
 def jacobian_reg(f: Callable[[State, Any], State], z: State, x: Any, *, n_probes: int = 1,
                  generator: torch.Generator | None = None) -> Tensor:
     """Hutchinson estimate of ``||J_f(z)||_F^2 / D``, averaged over the batch.
@@ -48,11 +56,9 @@ def jacobian_reg(f: Callable[[State, Any], State], z: State, x: Any, *, n_probes
     """
     if not isinstance(n_probes, int) or n_probes < 1:
         raise ValueError(f"n_probes must be an integer >= 1, got {n_probes!r}")
-    z_in = detached_input(z)
+    fz, inputs = _graph_at(f, z, x)
+    dim = sum(p[0].numel() for p in inputs)
     with torch.enable_grad():
-        fz = as_tuple(f(z_in, x))
-        inputs = as_tuple(z_in)
-        dim = sum(p[0].numel() for p in inputs)
         total = 0.0
         for _ in range(n_probes):
             eps = tuple(torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in fz)
@@ -86,10 +92,7 @@ def spectral_radius(f: Callable[[State, Any], State], z: State, x: Any, *, n_ite
     """
     if not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
-    z_in = detached_input(z)
-    with torch.enable_grad():
-        fz = as_tuple(f(z_in, x))
-    inputs = as_tuple(z_in)
+    fz, inputs = _graph_at(f, z, x)
     u = tuple(torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=generator) for p in fz)
     est = None
     for _ in range(n_iter):

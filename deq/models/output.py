@@ -32,3 +32,27 @@ class LMOutput:
     n_tokens: int
     mems: Any
     logits: Tensor | None = None
+
+
+def readout(crit, h: Tensor, target: Tensor | None, mems: Any, *, n_token: int) -> LMOutput:
+    """Score ``(B, L, D)`` hidden states with a softmax head, as both models do.
+
+    Args:
+        crit: the output layer: ``crit(flat, target)`` gives per-token NLL and
+            ``crit.log_prob(flat)`` the log-probabilities, ``flat`` ``(B*L, D)``.
+        h: ``(B, L, D)`` hidden states (output dropout already applied).
+        target: ``(B, L)`` next-token ids, or ``None`` for log-probabilities.
+        mems: passed through to the output.
+        n_token: vocabulary size.
+
+    Returns:
+        :class:`LMOutput`: mean and summed NLL with a target, ``logits`` without.
+    """
+    batch, length, width = h.shape
+    flat = h.reshape(batch * length, width)
+    if target is None:
+        logits = crit.log_prob(flat).view(batch, length, n_token)
+        return LMOutput(loss=None, nll_sum=None, n_tokens=0, mems=mems, logits=logits)
+    nll_sum = crit(flat, target.reshape(-1)).sum()
+    n_tokens = target.numel()
+    return LMOutput(loss=nll_sum / n_tokens, nll_sum=nll_sum, n_tokens=n_tokens, mems=mems)

@@ -61,8 +61,8 @@ from torch import Tensor, nn
 from ..layer import DEQLayer
 from .adaptive import AdaptiveEmbedding, AdaptiveSoftmax
 from .dropout import VariationalDropout, locked_dropout
-# One LMOutput for both language models (defined first by the TrellisNet model).
-from .output import LMOutput
+# One LMOutput and one readout for both language models (deq/models/output.py).
+from .output import LMOutput, readout
 from .weight_norm import apply_weight_norm, cached_weights
 
 __all__ = ["DEQTransformerBlock", "DEQTransformerLM", "LMOutput", "TRANSFORMER_PRESETS",
@@ -450,13 +450,7 @@ class DEQTransformerLM(nn.Module):
         new_mems = TransformerMemory(z=torch.cat([mems.z, z.detach()], dim=1)[:, klen - keep:].clone(),
                                      u=u.detach()[:, klen - keep:].clone())
         h = locked_dropout(z, self.dropout, time_dim=1, training=self.training)
-        flat = h.reshape(batch * qlen, self.d_model)
-        if target is None:
-            logits = self.crit.log_prob(flat).view(batch, qlen, self.n_token)
-            return LMOutput(loss=None, nll_sum=None, n_tokens=0, mems=new_mems, logits=logits)
-        nll_sum = self.crit(flat, target.reshape(-1)).sum()
-        n_tokens = target.numel()
-        return LMOutput(loss=nll_sum / n_tokens, nll_sum=nll_sum, n_tokens=n_tokens, mems=new_mems)
+        return readout(self.crit, h, target, new_mems, n_token=self.n_token)
 
 
 # Presets: constructor keyword arguments. Parameter counts (tests/test_transformer.py

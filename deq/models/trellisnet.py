@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from deq.layer import DEQLayer
 from deq.models.adaptive import AdaptiveEmbedding, TiedAdaptiveLogSoftmax
 from deq.models.dropout import VariationalDropout, embedding_dropout, locked_dropout
-from deq.models.output import LMOutput
+from deq.models.output import LMOutput, readout
 from deq.models.weight_norm import apply_weight_norm, cached_weights, weight_dropconnect
 
 __all__ = ["DEQTrellisNetLM", "LMOutput", "TRELLISNET_PRESETS", "TrellisNetCell"]
@@ -319,10 +319,4 @@ class DEQTrellisNetLM(nn.Module):
 
         out = h[:, self.h_size - self.nout:, :].transpose(1, 2)                         # (B, L, nout)
         out = locked_dropout(out, self.dropout, time_dim=1, training=self.training)
-        flat = out.reshape(batch * length, self.nout)
-        if target is None:
-            logits = self.decoder.log_prob(flat).view(batch, length, self.ntoken)
-            return LMOutput(loss=None, nll_sum=None, n_tokens=0, mems=new_mems, logits=logits)
-        nll_sum = self.decoder(flat, target.reshape(-1)).sum()
-        n_tokens = target.numel()
-        return LMOutput(loss=nll_sum / n_tokens, nll_sum=nll_sum, n_tokens=n_tokens, mems=new_mems)
+        return readout(self.decoder, out, target, new_mems, n_token=self.ntoken)
