@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .grad.base import Backward, as_tuple, get_backward
+from .reg import jacobian_reg
 from .solvers.base import (SolverResult, State, Solver, _check_budget, _flatten, _spec_of, get_solver,
                            residual, solve)
 
@@ -108,8 +109,8 @@ class DEQLayer(nn.Module):
             the forward and to Implicit's backward solve.
         unroll_steps: ``None`` for DEQ mode; an integer ``L`` runs ``f`` exactly
             ``L`` times from ``z0`` with ordinary autograd (the explicit
-            weight-tied network: pretraining and the baseline). An attribute:
-            set it to ``None`` to switch to DEQ mode.
+            weight-tied network: pretraining and the baseline). A validated
+            attribute: set it to ``None`` to switch to DEQ mode.
         fix_rng: replay the RNG state for every f-call of one layer call.
 
     Raises:
@@ -148,29 +149,57 @@ class DEQLayer(nn.Module):
         self.last_result: SolverResult | None = None
         self._warned = False
 
+    @property
+    def unroll_steps(self) -> int | None:
+        """``None`` (DEQ mode) or the depth ``L`` of the explicit weight-tied twin."""
+        return self._unroll_steps
+
+    @unroll_steps.setter
+    def unroll_steps(self, steps: int | None) -> None:
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"unroll_steps must be None or an integer >= 1, got {steps!r}")
+        self._unroll_steps = steps
+
     def extra_repr(self) -> str:
         return (f"solver={self.solver}, backward={self.backward}, tol={self.tol}, max_iter={self.max_iter}, "
                 f"eval_tol={self.eval_tol}, eval_max_iter={self.eval_max_iter}, stop_mode={self.stop_mode!r}, "
                 f"unroll_steps={self.unroll_steps}")
 
-    def forward(self, x: Any, z0: State | None = None) -> State:
+    def forward(self, x: Any, z0: State | None = None, *, max_iter: int | None = None,
+                jac_reg: int = 0) -> State | tuple[State, Tensor]:
         """Return the equilibrium ``z*`` for input ``x``, structured like ``z0``.
 
         Args:
             x: the input injected into ``f`` (anything ``f`` accepts).
             z0: initial guess; defaults to ``zeros_like(x)`` when ``x`` is a tensor.
+            max_iter: this call's iteration budget instead of the mode's
+                (``max_iter`` in training, ``eval_max_iter`` in eval); the DEQ
+                recipes draw it per step (``f_thres + randint(-2, 0)``).
+                Ignored in unrolled mode.
+            jac_reg: number of Hutchinson probes of the Jacobian regulariser;
+                with ``jac_reg > 0`` the call also returns
+                :func:`deq.reg.jacobian_reg` of ``f`` at the point it returns
+                from: ``z*`` in DEQ mode (not ``f(z*)``), the last input of
+                ``f`` in unrolled mode, with the same dropout masks as the
+                solve (the RNG replay of ``fix_rng`` covers it). It costs one
+                more call of ``f`` and one double-backward VJP per probe.
 
         Returns:
             ``z`` with the structure of ``z0``: ``f(z*, x)`` re-attached for
             Implicit/NPG/JFB, ``k`` damped steps from ``z*`` for UPG, ``f``
-            applied ``unroll_steps`` times in unrolled mode.
+            applied ``unroll_steps`` times in unrolled mode. With
+            ``jac_reg > 0`` the pair ``(z, jac_loss)``, ``jac_loss`` a scalar
+            with a graph to the parameters of ``f`` and to ``x``.
 
         Raises:
-            ValueError: ``z0`` missing for a non-tensor ``x``, or ``f`` returned
-                another shape/dtype; see :func:`deq.solve`.
+            ValueError: ``z0`` missing for a non-tensor ``x``, ``f`` returned
+                another shape/dtype, invalid ``max_iter`` or ``jac_reg``; see
+                :func:`deq.solve`.
             NonFiniteError: ``f`` produced NaN/inf (forward or backward).
             ConvergenceError: not converged and ``on_nonconvergence="raise"``.
         """
+        if not isinstance(jac_reg, int) or isinstance(jac_reg, bool) or jac_reg < 0:
+            raise ValueError(f"jac_reg must be an integer >= 0 (Hutchinson probes), got {jac_reg!r}")
         if z0 is None:
             if not isinstance(x, Tensor):
                 raise ValueError("z0 is required when x is not a tensor (the default is zeros_like(x))")
@@ -178,23 +207,28 @@ class DEQLayer(nn.Module):
         device = as_tuple(z0)[0].device
         replay = _RngReplay(device) if self.fix_rng and self.training else None
         call = _Call(self.f, x, replay)
-        tol, max_iter = (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
+        tol, budget = (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
+        if max_iter is not None:
+            _check_budget(tol, max_iter, self.stop_mode)
+            budget = max_iter
         if self.unroll_steps is not None:
-            return self._unrolled(call, z0, tol)
-
-        res = solve(call, z0, solver=self.solver, tol=tol, max_iter=max_iter, stop_mode=self.stop_mode)
-        res = res.detach()
-        self.last_result = res
-        self._apply_policy(res, "forward")
-        if not torch.is_grad_enabled():
-            return call(res.z)
-        return self.backward.attach(call, res.z, x, report=self._reporter(res))
+            z = self._unrolled(call, z0, tol)
+        else:
+            res = solve(call, z0, solver=self.solver, tol=tol, max_iter=budget, stop_mode=self.stop_mode)
+            res = res.detach()
+            self.last_result = res
+            self._apply_policy(res, "forward")
+            if torch.is_grad_enabled():
+                z = self.backward.attach(call, res.z, x, report=self._reporter(res))
+            else:
+                z = call(res.z)
+        if not jac_reg:
+            return z
+        return z, jacobian_reg(call, self.last_result.z, x, n_probes=jac_reg)
 
     def _unrolled(self, call: _Call, z0: State, tol: float) -> State:
         """``f`` applied ``unroll_steps`` times with autograd; records the residual trace."""
         steps = self.unroll_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"unroll_steps must be None or an integer >= 1, got {steps!r}")
         spec = _spec_of(z0)
         z, trace, prev = z0, [], _flatten(z0, spec).detach()
         for _ in range(steps):

@@ -31,11 +31,14 @@ def jacobian_reg(f: Callable[[State, Any], State], z: State, x: Any, *, n_probes
     VJP with ``create_graph=True``, so the estimate is differentiable with
     respect to the parameters of ``f`` (and ``x``). Add ``gamma * jacobian_reg``
     to the loss to keep the fixed point well conditioned. It builds its own graph
-    of ``f`` at ``z`` (detached), so call it on the layer's returned ``z``.
+    of ``f`` at ``z`` (detached), so ``z`` must be the fixed point ``z*`` itself
+    (``layer.last_result.z``), not the layer's output ``f(z*)``, and ``f`` must
+    draw the dropout masks of the solve: ``DEQLayer(...)(x, jac_reg=n)`` does
+    both and returns ``(z, jac_loss)``.
 
     Args:
         f: the equilibrium function, ``f(z, x)``.
-        z: the point, usually the layer output (detached inside), ``(B, ...)``.
+        z: the point, the fixed point ``z*`` (detached inside), ``(B, ...)``.
         x: the input of ``f``.
         n_probes: number of Gaussian probe vectors, ``>= 1``.
         generator: optional RNG for the probes.
@@ -47,8 +50,8 @@ def jacobian_reg(f: Callable[[State, Any], State], z: State, x: Any, *, n_probes
         ValueError: ``n_probes < 1``.
 
     Example:
-        >>> z = layer(x)
-        >>> loss = task_loss(z) + 2.0 * jacobian_reg(layer.f, z, x, n_probes=1)
+        >>> z, jac_loss = layer(x, jac_reg=1)          # evaluated at z*, same masks
+        >>> loss = task_loss(z) + 2.0 * jac_loss
 
     References:
         Bai, Koltun, Kolter, Stabilizing Equilibrium Models by Jacobian

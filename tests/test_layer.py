@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from deq import JFB, NPG, UPG, ConvergenceError, DEQLayer, FixedPoint, Implicit
+from deq.reg import jacobian_reg
 
 DT = torch.float64
 TIGHT = dict(tol=1e-12, max_iter=200)
@@ -220,9 +221,8 @@ def test_unrolled_mode_equals_applying_f_L_times():
     layer.unroll_steps = None  # back to DEQ mode
     layer(x)
     assert layer.last_result.solver == "anderson"
-    layer.unroll_steps = 0
     with pytest.raises(ValueError, match="unroll_steps must be None or an integer >= 1"):
-        layer(x)
+        layer.unroll_steps = 0  # refused when set, before any call
 
 
 def test_unrolled_mode_with_tuple_state():
@@ -367,3 +367,86 @@ def test_compiled_f_with_dropout_keeps_one_mask_per_call():
     z_ref = DEQLayer(lambda z, x: torch.tanh(cell.pre(z, x)) * keep, backward=Implicit(**TIGHT), **TIGHT)(x)
     _assert_all_close((z,), (z_ref,), tol=1e-12)
     _assert_all_close(got, _params_and_x_grads((z_ref * w).sum(), cell, x), tol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# Per-call options: the budget and the Jacobian regulariser
+
+
+def test_max_iter_of_one_call_replaces_the_modes_budget():
+    layer = DEQLayer(TanhCell(rho=0.95), solver=FixedPoint(), tol=1e-14, max_iter=40, eval_max_iter=60,
+                     on_nonconvergence="ignore")
+    x = _x()
+    layer(x, max_iter=7)
+    assert layer.last_result.n_iter == 7
+    layer(x)
+    assert layer.last_result.n_iter == 40
+    layer.eval()
+    layer(x, max_iter=9)
+    assert layer.last_result.n_iter == 9
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_iter"):
+            layer(x, max_iter=bad)
+
+
+def test_unroll_steps_is_checked_when_set():
+    layer = DEQLayer(TanhCell())
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="unroll_steps"):
+            layer.unroll_steps = bad
+    layer.unroll_steps = 3
+    layer.unroll_steps = None
+    assert layer.unroll_steps is None
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg", "upg", "jfb"])
+def test_jacobian_reg_is_taken_at_z_star_not_at_f_of_z_star(backward):
+    """Far from converged (3 iterations), J_f(z*) and J_f(f(z*)) differ; the layer must use z*."""
+    cell = TanhCell(rho=0.9)
+    layer = DEQLayer(cell, solver=FixedPoint(), backward=backward, tol=1e-14, max_iter=3,
+                     on_nonconvergence="ignore", fix_rng=False)
+    x = 3 * _x()
+    torch.manual_seed(11)
+    z, jac = layer(x, jac_reg=2)
+    z_star = layer.last_result.z
+    torch.manual_seed(11)
+    at_z_star = jacobian_reg(cell, z_star, x, n_probes=2)
+    torch.manual_seed(11)
+    at_output = jacobian_reg(cell, cell(z_star, x).detach(), x, n_probes=2)
+    torch.testing.assert_close(jac, at_z_star, rtol=1e-12, atol=0)
+    assert abs(float((at_output - at_z_star).detach())) > 1e-3 * float(at_z_star.detach())  # the points really differ
+    (gW,) = torch.autograd.grad(jac, cell.W)
+    assert gW.abs().sum() > 0  # the regulariser trains f
+
+
+def test_jacobian_reg_sees_the_dropout_masks_of_the_solve():
+    cell = DropCell(p=0.4, rho=0.5)
+    layer = DEQLayer(cell, solver=FixedPoint(), tol=1e-10, max_iter=60)
+    _, jac = layer(_x(), jac_reg=1)
+    nstep = int(layer.last_result.nstep.max())
+    assert len(cell.masks) == nstep + 2  # the solve, the re-attached call, the regulariser's call
+    for mask in cell.masks[1:]:
+        assert torch.equal(mask, cell.masks[0])
+    assert torch.isfinite(jac)
+
+
+def test_jacobian_reg_in_unrolled_mode_is_taken_at_the_last_input_of_f():
+    cell = TanhCell(rho=0.9)
+    layer = DEQLayer(cell, unroll_steps=4, fix_rng=False)
+    x = _x()
+    torch.manual_seed(3)
+    z, jac = layer(x, jac_reg=3)
+    z_in = x.new_zeros(x.shape)
+    for _ in range(3):
+        z_in = cell(z_in, x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(jac, jacobian_reg(cell, z_in, x, n_probes=3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(z, cell(z_in, x), rtol=1e-12, atol=0)
+
+
+def test_jacobian_reg_argument_is_checked():
+    layer = DEQLayer(TanhCell())
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="jac_reg"):
+            layer(_x(), jac_reg=bad)
+    assert isinstance(layer(_x(), jac_reg=0), torch.Tensor)

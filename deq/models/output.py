@@ -25,6 +25,9 @@ class LMOutput:
         logits: without a target, the ``(B, L, ntoken)`` next-token
             log-probabilities (normalised logits); ``None`` with a target (not
             materialised, to save memory).
+        jac_loss: the Jacobian regulariser of the equilibrium function at
+            ``z*`` (a scalar with a graph) when the forward was asked for it
+            with ``jac_reg > 0``; ``None`` otherwise.
     """
 
     loss: Tensor | None
@@ -32,9 +35,11 @@ class LMOutput:
     n_tokens: int
     mems: Any
     logits: Tensor | None = None
+    jac_loss: Tensor | None = None
 
 
-def readout(crit, h: Tensor, target: Tensor | None, mems: Any, *, n_token: int) -> LMOutput:
+def readout(crit, h: Tensor, target: Tensor | None, mems: Any, *, n_token: int,
+            jac_loss: Tensor | None = None) -> LMOutput:
     """Score ``(B, L, D)`` hidden states with a softmax head, as both models do.
 
     Args:
@@ -44,6 +49,7 @@ def readout(crit, h: Tensor, target: Tensor | None, mems: Any, *, n_token: int) 
         target: ``(B, L)`` next-token ids, or ``None`` for log-probabilities.
         mems: passed through to the output.
         n_token: vocabulary size.
+        jac_loss: passed through to the output.
 
     Returns:
         :class:`LMOutput`: mean and summed NLL with a target, ``logits`` without.
@@ -52,7 +58,7 @@ def readout(crit, h: Tensor, target: Tensor | None, mems: Any, *, n_token: int) 
     flat = h.reshape(batch * length, width)
     if target is None:
         logits = crit.log_prob(flat).view(batch, length, n_token)
-        return LMOutput(loss=None, nll_sum=None, n_tokens=0, mems=mems, logits=logits)
+        return LMOutput(loss=None, nll_sum=None, n_tokens=0, mems=mems, logits=logits, jac_loss=jac_loss)
     nll_sum = crit(flat, target.reshape(-1)).sum()
     n_tokens = target.numel()
-    return LMOutput(loss=nll_sum / n_tokens, nll_sum=nll_sum, n_tokens=n_tokens, mems=mems)
+    return LMOutput(loss=nll_sum / n_tokens, nll_sum=nll_sum, n_tokens=n_tokens, mems=mems, jac_loss=jac_loss)

@@ -405,29 +405,49 @@ class DEQTransformerLM(nn.Module):
                              f"{tuple(z.shape)} and {tuple(u.shape)}")
         return TransformerMemory(z.detach(), u.detach())
 
+    def set_unroll_steps(self, steps: int | None) -> None:
+        """Switch to the explicit weight-tied twin of ``steps`` layers, or back to the DEQ with ``None``.
+
+        The one switch between unrolled pretraining and DEQ training.
+
+        Raises:
+            ValueError: ``steps`` neither ``None`` nor an integer ``>= 1``.
+        """
+        self.deq.unroll_steps = steps
+
     def forward(self, input: Tensor, target: Tensor | None = None, *,
-                mems: TransformerMemory | None = None) -> LMOutput:
+                mems: TransformerMemory | None = None, mem_len: int | None = None,
+                max_iter: int | None = None, jac_reg: int = 0) -> LMOutput:
         """Run one segment.
 
         Args:
             input: ``(B, L)`` token ids.
             target: ``(B, L)`` next-token ids, or ``None`` for no loss.
             mems: memory from the previous segment (``None``: start afresh).
+            mem_len: memory positions to keep for the next segment in this call
+                (default ``self.mem_len``; evaluation often uses a longer one).
+            max_iter: this call's forward solver budget (see :class:`deq.DEQLayer`).
+            jac_reg: Hutchinson probes of the Jacobian regulariser at ``z*``;
+                with ``jac_reg > 0`` the output's ``jac_loss`` holds it.
 
         Returns:
             :class:`LMOutput`: ``loss`` (mean NLL over the ``B * L`` targets),
             ``nll_sum``, ``n_tokens``, ``mems`` (a :class:`TransformerMemory`, the
             last ``mem_len`` positions of ``[mems ; z*]`` and of the injections,
             detached) and, without ``target``, ``logits``: the ``(B, L, n_token)``
-            next-token log-probabilities (large for big vocabularies).
+            next-token log-probabilities (large for big vocabularies), and
+            ``jac_loss`` with ``jac_reg > 0``.
 
         Raises:
-            ValueError: shapes of ``input``, ``target`` or ``mems`` that do not fit.
+            ValueError: shapes of ``input``, ``target`` or ``mems`` that do not
+                fit, or a negative ``mem_len``.
         """
         if input.dim() != 2:
             raise ValueError(f"input must be (B, L) token ids, got shape {tuple(input.shape)}")
         if target is not None and target.shape != input.shape:
             raise ValueError(f"target must have the shape of input {tuple(input.shape)}, got {tuple(target.shape)}")
+        if mem_len is not None and (not isinstance(mem_len, int) or isinstance(mem_len, bool) or mem_len < 0):
+            raise ValueError(f"mem_len must be an integer >= 0, got {mem_len!r}")
         batch, qlen = input.shape
         mems = self.init_mems(batch) if mems is None else self._check_mems(mems, batch)
         mlen = mems.z.shape[1]
@@ -443,14 +463,15 @@ class DEQTransformerLM(nn.Module):
         x = TransformerInput(u=u, mem=mems.z, pos=pos)
         self.block.reset_dropout(batch, qlen, klen, like=emb)
         with cached_weights(self.deq):
-            z = self.deq(x, emb.new_zeros(batch, qlen, self.d_model))
+            z = self.deq(x, emb.new_zeros(batch, qlen, self.d_model), max_iter=max_iter, jac_reg=jac_reg)
+        z, jac_loss = z if jac_reg else (z, None)
 
-        keep = min(self.mem_len, klen)
+        keep = min(self.mem_len if mem_len is None else mem_len, klen)
         # clone: a slice would keep the whole segment's storage alive until the next one.
         new_mems = TransformerMemory(z=torch.cat([mems.z, z.detach()], dim=1)[:, klen - keep:].clone(),
                                      u=u.detach()[:, klen - keep:].clone())
         h = locked_dropout(z, self.dropout, time_dim=1, training=self.training)
-        return readout(self.crit, h, target, new_mems, n_token=self.n_token)
+        return readout(self.crit, h, target, new_mems, n_token=self.n_token, jac_loss=jac_loss)
 
 
 # Presets: constructor keyword arguments. Parameter counts (tests/test_transformer.py

@@ -280,8 +280,19 @@ class DEQTrellisNetLM(nn.Module):
                              f"{tuple(h0.shape)} and {tuple(c0.shape)}")
         return h0.detach().to(like.dtype), c0.detach().to(like.dtype)
 
+    def set_unroll_steps(self, steps: int | None) -> None:
+        """Switch to the explicit weight-tied twin of ``steps`` layers, or back to the DEQ with ``None``.
+
+        The one switch between unrolled pretraining and DEQ training.
+
+        Raises:
+            ValueError: ``steps`` neither ``None`` nor an integer ``>= 1``.
+        """
+        self.deq.unroll_steps = steps
+
     def forward(self, input: Tensor, target: Tensor | None = None, *,
-                mems: tuple[Tensor, Tensor] | None = None) -> LMOutput:
+                mems: tuple[Tensor, Tensor] | None = None, max_iter: int | None = None,
+                jac_reg: int = 0) -> LMOutput:
         """Score one segment of tokens and hand its history to the next.
 
         Args:
@@ -289,9 +300,12 @@ class DEQTrellisNetLM(nn.Module):
             target: ``(B, L)`` next-token ids, or ``None`` to get log-probabilities.
             mems: ``(h0, c0)`` from the previous segment's :class:`LMOutput`
                 (each ``(B, nhid + nout, 1)``); ``None`` starts from zeros.
+            max_iter: this call's forward solver budget (see :class:`deq.DEQLayer`).
+            jac_reg: Hutchinson probes of the Jacobian regulariser at ``z*``;
+                with ``jac_reg > 0`` the output's ``jac_loss`` holds it.
 
         Returns:
-            :class:`LMOutput` (loss, nll_sum, n_tokens, mems, logits).
+            :class:`LMOutput` (loss, nll_sum, n_tokens, mems, logits, jac_loss).
 
         Raises:
             ValueError: ``input`` not 2-D, ``target`` of another shape, bad ``mems``.
@@ -314,9 +328,10 @@ class DEQTrellisNetLM(nn.Module):
         with cached_weights(self):
             u = self.inject_conv(F.pad(x, (self.kernel_size - 1, 0)))                  # (B, 4H, L)
             z0 = (x.new_zeros(batch, self.h_size, length), x.new_zeros(batch, self.h_size, length))
-            h, c = self.deq((u, h0, c0), z0=z0)
+            z = self.deq((u, h0, c0), z0=z0, max_iter=max_iter, jac_reg=jac_reg)
+        (h, c), jac_loss = z if jac_reg else (z, None)
         new_mems = (h[:, :, -1:].detach(), c[:, :, -1:].detach())
 
         out = h[:, self.h_size - self.nout:, :].transpose(1, 2)                         # (B, L, nout)
         out = locked_dropout(out, self.dropout, time_dim=1, training=self.training)
-        return readout(self.decoder, out, target, new_mems, n_token=self.ntoken)
+        return readout(self.decoder, out, target, new_mems, n_token=self.ntoken, jac_loss=jac_loss)
