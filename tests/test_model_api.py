@@ -65,7 +65,7 @@ def test_jac_loss_is_the_layers_regulariser_and_trains_the_block(build):
     out = model(x, y, jac_reg=2)
     z_star = model.deq.last_result.z
     inputs = model.deq.f
-    assert out.jac_loss.dim() == 0 and float(out.jac_loss) > 0
+    assert out.jac_loss.dim() == 0 and float(out.jac_loss.detach()) > 0
     grads = torch.autograd.grad(out.jac_loss, [p for p in inputs.parameters() if p.requires_grad],
                                 allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
