@@ -104,6 +104,9 @@ class DEQLayer(nn.Module):
         eval_tol: tolerance in eval mode (default ``tol``).
         eval_max_iter: budget in eval mode (default ``max_iter``).
         stop_mode: ``"rel"`` or ``"abs"`` (see :mod:`deq.solvers.base`).
+        atol: ``rel`` mode only: the absolute term of the stop test
+            ``||f(z) - z|| <= atol + tol ||f(z)||`` (default 0, the plain
+            relative test), in training and evaluation.
         on_nonconvergence: ``"warn"`` (once per layer, with the residual),
             ``"ignore"`` or ``"raise"`` (:class:`ConvergenceError`); applies to
             the forward and to Implicit's backward solve.
@@ -129,6 +132,7 @@ class DEQLayer(nn.Module):
     def __init__(self, f: Callable[[State, Any], State], *, solver: Solver | str = "anderson",
                  backward: Backward | str = "implicit", tol: float = 1e-4, max_iter: int = 30,
                  eval_tol: float | None = None, eval_max_iter: int | None = None, stop_mode: str = "rel",
+                 atol: float = 0.0,
                  on_nonconvergence: str = "warn", unroll_steps: int | None = None, fix_rng: bool = True):
         super().__init__()
         if not callable(f):
@@ -138,11 +142,11 @@ class DEQLayer(nn.Module):
         self.backward = get_backward(backward)
         self.eval_tol = tol if eval_tol is None else eval_tol
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
-        _check_budget(tol, max_iter, stop_mode)
-        _check_budget(self.eval_tol, self.eval_max_iter, stop_mode)
+        _check_budget(tol, max_iter, stop_mode, atol)
+        _check_budget(self.eval_tol, self.eval_max_iter, stop_mode, atol)
         if on_nonconvergence not in POLICIES:
             raise ValueError(f"unknown on_nonconvergence {on_nonconvergence!r}; known: {', '.join(POLICIES)}")
-        self.tol, self.max_iter, self.stop_mode = tol, max_iter, stop_mode
+        self.tol, self.max_iter, self.stop_mode, self.atol = tol, max_iter, stop_mode, float(atol)
         self.on_nonconvergence = on_nonconvergence
         self.unroll_steps = unroll_steps
         self.fix_rng = fix_rng
@@ -163,6 +167,7 @@ class DEQLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"solver={self.solver}, backward={self.backward}, tol={self.tol}, max_iter={self.max_iter}, "
                 f"eval_tol={self.eval_tol}, eval_max_iter={self.eval_max_iter}, stop_mode={self.stop_mode!r}, "
+                f"atol={self.atol}, "
                 f"unroll_steps={self.unroll_steps}")
 
     def forward(self, x: Any, z0: State | None = None, *, max_iter: int | None = None,
@@ -214,7 +219,8 @@ class DEQLayer(nn.Module):
         if self.unroll_steps is not None:
             z = self._unrolled(call, z0, tol)
         else:
-            res = solve(call, z0, solver=self.solver, tol=tol, max_iter=budget, stop_mode=self.stop_mode)
+            res = solve(call, z0, solver=self.solver, tol=tol, max_iter=budget, stop_mode=self.stop_mode,
+                        atol=self.atol)
             res = res.detach()
             self.last_result = res
             self._apply_policy(res, "forward")
@@ -247,7 +253,7 @@ class DEQLayer(nn.Module):
             z=detached, nstep=torch.full((batch,), steps, dtype=torch.int64, device=final.device),
             residual=final, converged=final <= tol, trace=trace,
             best_step=torch.full((batch,), steps - 1, dtype=torch.int64, device=final.device),
-            n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=tol)
+            n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=tol, atol=self.atol)
         return z
 
     def _reporter(self, fwd: SolverResult) -> Callable[[SolverResult], None]:
@@ -260,7 +266,8 @@ class DEQLayer(nn.Module):
         return report
 
     def _apply_policy(self, res: SolverResult, stage: str) -> None:
-        if self.on_nonconvergence == "ignore" or (self.on_nonconvergence == "warn" and self._warned):
+        if (self.on_nonconvergence == "ignore" or (self.on_nonconvergence == "warn" and self._warned)
+                or res.residual.numel() == 0):
             return
         n_bad, worst = torch.stack([(~res.converged).sum().to(res.residual.dtype),
                                     res.residual.max()]).tolist()

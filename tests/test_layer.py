@@ -450,3 +450,27 @@ def test_jacobian_reg_argument_is_checked():
         with pytest.raises(ValueError, match="jac_reg"):
             layer(_x(), jac_reg=bad)
     assert isinstance(layer(_x(), jac_reg=0), torch.Tensor)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg", "upg", "jfb"])
+def test_empty_batch_gives_empty_output_and_zero_gradients(backward):
+    cell = TanhCell()
+    layer = DEQLayer(cell, backward=backward, tol=1e-8)
+    x = torch.zeros(0, 5, dtype=DT, requires_grad=True)
+    z = layer(x)
+    assert z.shape == (0, 5) and layer.last_result.n_iter == 0
+    z.sum().backward()
+    assert x.grad.shape == (0, 5) and all(p.grad is None or p.grad.abs().sum() == 0 for p in cell.parameters())
+
+
+def test_atol_reaches_the_solve_in_both_modes():
+    layer = DEQLayer(lambda z, x: 0.5 * z + x, solver=FixedPoint(), tol=1e-12, atol=1e-3, max_iter=200,
+                     eval_max_iter=200)
+    x = torch.full((2, 3), 1e-6, dtype=DT)  # z* = 2e-6: tiny, so ||g|| <= atol from the start
+    layer(x)
+    assert layer.last_result.atol == 1e-3 and layer.last_result.n_iter == 1
+    layer.eval()
+    layer(x)
+    assert layer.last_result.n_iter == 1
+    with pytest.raises(ValueError, match="atol"):
+        DEQLayer(lambda z, x: z, atol=-1.0)

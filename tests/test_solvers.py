@@ -149,16 +149,16 @@ class Spy(Solver):
         self.state_shapes.add(tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor)))
         self.state_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
-    def init(self, z, fz):
-        state = self.inner.init(z, fz)
-        self._record(state, z)
+    def init(self, it):
+        state = self.inner.init(it)
+        self._record(state, it.z)
         return state
 
-    def step(self, state, z, fz, active, evaluate):
+    def step(self, state, it, active, evaluate):
         self.steps += 1
-        state, z, fz = self.inner.step(state, z, fz, active, evaluate)
+        state, z, fz, g = self.inner.step(state, it, active, evaluate)
         self._record(state, z)
-        return state, z, fz
+        return state, z, fz, g
 
 
 # ----------------------------------------------------------------------------
@@ -273,10 +273,10 @@ def test_line_search_backtracks_on_the_counting_problem():
     """The counting test above does exercise the line search: trials are rejected and halved."""
 
     class TrialSpy(Spy):
-        def step(self, state, z, fz, active, evaluate):
-            state, z, fz = super().step(state, z, fz, active, evaluate)
+        def step(self, state, it, active, evaluate):
+            state, z, fz, g = super().step(state, it, active, evaluate)
             self.max_trials = max(getattr(self, "max_trials", 0), int(state["trials"].max()))
-            return state, z, fz
+            return state, z, fz, g
 
     prob = SPDRoot(batch=3, top=6.0, nonlin=2.0)
     spy = TrialSpy(Broyden(line_search=True))
@@ -304,17 +304,36 @@ def test_converged_sample_stops_changing(solver):
 
 @solver_param
 def test_returns_best_iterate(solver):
+    """No iterate passes the test: the one with the smallest ||f(z) - z|| is returned, and its residual."""
     # Divergent plain iteration: FixedPoint's best iterate is z0 itself.
     prob = SPDRoot(top=3.0)
-    res = solve(prob.f, prob.z0, solver=solver, tol=1e-14, max_iter=6)
+    calls = Counting(prob.f)
+    res = solve(calls, prob.z0, solver=solver, tol=1e-14, max_iter=6)
     fz = prob.f(res.z)
     torch.testing.assert_close(res.residual, residual(res.z, fz, "rel"), rtol=1e-12, atol=0)
-    assert (res.residual <= res.trace.min(dim=0).values).all()
-    assert (res.best_step < res.n_iter).all()
+    iterates = torch.stack(calls.inputs)  # (n_iter, B, D): every point f was called at
+    abs_res = torch.stack([residual(z, prob.f(z), "abs") for z in calls.inputs])
+    assert torch.equal(res.best_step, abs_res.argmin(dim=0))
+    for b in range(3):
+        assert torch.equal(res.z[b], iterates[res.best_step[b], b])
+    assert (res.best_step < res.n_iter).all() and not res.converged.any()
     if get_solver(solver).name == "fixed_point" and get_solver(solver).damping == 1.0:
         assert torch.equal(res.best_step, torch.zeros(3, dtype=torch.int64))
         assert torch.equal(res.z, prob.z0)
         assert res.trace[-1].min() > res.trace[0].max()  # the last iterate is worse
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", FixedPoint(damping=0.7)], ids=_id)
+def test_diverging_rel_solve_never_returns_its_most_diverged_iterate(solver):
+    """f(z) = 1.5 z + x: the relative residual of the run-away iterate falls towards 1/3 while
+    ||f(z) - z|| grows; ordering by the relative residual would return the last (worst) iterate."""
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.25]], dtype=F64)
+    res = solve(lambda z: 1.5 * z + x, torch.zeros(2, 2, dtype=F64), solver=solver, tol=1e-6, max_iter=50)
+    assert not res.converged.any()
+    assert res.trace[-1].max() < res.trace[0].min()  # the relative residual did fall...
+    assert torch.equal(res.best_step, torch.zeros(2, dtype=torch.int64))  # ...but z0 is returned
+    assert torch.equal(res.z, torch.zeros(2, 2, dtype=F64))
+    torch.testing.assert_close(res.residual, torch.ones(2, dtype=F64))  # ||x|| / ||x||: honest
 
 
 @solver_param
@@ -642,14 +661,15 @@ class _Overflowing(Solver):
 
     name = "overflowing"
 
-    def init(self, z, fz):
+    def init(self, it):
         return 0
 
-    def step(self, state, z, fz, active, evaluate):
-        z_new = fz.clone()
+    def step(self, state, it, active, evaluate):
+        z_new = it.fz.clone()
         if state == 1:
             z_new[1] = math.inf
-        return state + 1, z_new, evaluate(z_new, active)
+        fz = evaluate(z_new, active)
+        return state + 1, z_new, fz, fz - z_new
 
 
 @pytest.mark.parametrize("stop_mode", ["rel", "abs"])
@@ -789,3 +809,169 @@ def test_anderson_restarts_instead_of_cycling_on_a_transformer_block():
     with torch.no_grad():
         model(x, y)
     assert model.deq.last_result.converged.all()
+
+
+# ----------------------------------------------------------------------------
+# The stop test ||f(z) - z|| <= atol + rtol ||f(z)||.
+
+def _scipy_F(z):
+    """SciPy's nonlin test problem F (test_nonlin.py): root x = 0 of -d x - c (x.x) x."""
+    d = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5], dtype=z.dtype)
+    return -d * z - 0.01 * (z * z).sum(dim=1, keepdim=True) * z
+
+
+def _scipy_F2(z):
+    """SciPy's nonlin test problem F2: root x = 0 of x."""
+    return z
+
+
+@pytest.mark.parametrize("problem,x0", [(_scipy_F, [1.0] * 5), (_scipy_F2, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])],
+                         ids=["F", "F2"])
+@pytest.mark.parametrize("solver", ["broyden", "anderson"])
+def test_root_at_zero_converges_with_atol_and_in_abs_mode(problem, x0, solver):
+    """z* = 0: ||f(z)|| -> ||f(z*)|| = 0 with ||g||, so the plain relative test has no scale to reach."""
+    z0 = torch.tensor([x0], dtype=F64)
+    f = lambda z: z + problem(z)  # noqa: E731 - the root of problem() as a fixed point
+    absolute = solve(f, z0, solver=solver, tol=1e-9, max_iter=200, stop_mode="abs")
+    mixed = solve(f, z0, solver=solver, tol=1e-6, atol=1e-9, max_iter=200, stop_mode="rel")
+    for res in (absolute, mixed):
+        assert res.converged.all() and res.n_iter < 60, (res.n_iter, res.residual)
+        assert float(torch.linalg.vector_norm(problem(res.z))) <= 1e-9
+    assert mixed.atol == 1e-9 and absolute.atol == 0.0
+    plain = solve(f, z0, solver=solver, tol=1e-6, max_iter=200, stop_mode="rel")
+    if not plain.converged.all():  # the ill-posed case the atol term is for
+        assert plain.n_iter == 200
+
+
+@pytest.mark.parametrize("atol", [0.0, 0.05])
+def test_each_sample_stops_at_the_first_iterate_that_passes_the_test(atol):
+    prob = TanhNet(rho=(0.3, 0.6, 0.9, 0.95))
+    calls = Counting(prob.f)
+    tol = 1e-3
+    res = solve(calls, prob.z0, solver="fixed_point", tol=tol, atol=atol, max_iter=300)
+    for b in range(4):
+        passed = [float(torch.linalg.vector_norm(prob.f(z)[b] - z[b])) <=
+                  atol + tol * float(torch.linalg.vector_norm(prob.f(z)[b])) for z in calls.inputs]
+        first = passed.index(True)
+        assert res.nstep[b] == first + 1 and res.best_step[b] == first and res.converged[b]
+    plain = solve(prob.f, prob.z0, solver="fixed_point", tol=tol, max_iter=300)
+    if atol:
+        assert (res.nstep < plain.nstep).any()  # the atol term stops some samples earlier
+    else:
+        assert torch.equal(res.nstep, plain.nstep)
+
+
+def test_converged_with_atol_may_report_a_relative_residual_above_tol():
+    """Reported: the relative residual; converged: the atol + rtol test. Both are honest."""
+    res = solve(lambda z: 0.5 * z, torch.ones(1, 3, dtype=F64), solver="fixed_point", tol=1e-3, atol=1e-4,
+                max_iter=100)
+    assert res.converged.all()
+    assert float(res.residual) == 1.0  # ||0.5 z - z|| / ||0.5 z|| = 1 at every z != 0
+    z = res.z
+    assert float(torch.linalg.vector_norm(0.5 * z - z)) <= 1e-4
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(atol=-1e-3), "atol"), (dict(atol=float("nan")), "atol"), (dict(atol=float("inf")), "atol"),
+    (dict(atol=1e-6, stop_mode="abs"), "atol.*stop_mode='rel'"),
+])
+def test_invalid_atol(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        solve(torch.cos, torch.zeros(1, 1), **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Shapes, layouts and magnitudes that used to break the loop.
+
+@solver_param
+def test_empty_batch_returns_an_empty_result_without_calling_f(solver):
+    calls = Counting(torch.cos)
+    for z0 in (torch.zeros(0, 3, dtype=F64), (torch.zeros(0, 2, 2, dtype=F64), torch.zeros(0, 5, dtype=F64))):
+        res = solve(calls, z0, solver=solver)
+        assert calls.calls == 0
+        parts = res.z if isinstance(res.z, tuple) else (res.z,)
+        assert [p.shape for p in parts] == [p.shape for p in (z0 if isinstance(z0, tuple) else (z0,))]
+        assert res.nstep.shape == res.residual.shape == res.converged.shape == (0,) and res.n_iter == 0
+        assert res.summary()["converged_frac"] != res.summary()["converged_frac"]  # NaN: no samples
+
+
+@solver_param
+def test_tuple_parts_reach_f_contiguous(solver):
+    """f may .view() its parts, as it could view the contiguous parts of z0."""
+    def f(state):
+        h, c = state
+        return torch.tanh(0.5 * h.view(h.shape[0], -1)).view(h.shape), torch.cos(c.view(-1)).view(c.shape)
+
+    z0 = (torch.zeros(3, 2, 4, dtype=F64), torch.zeros(3, 5, dtype=F64))
+    res = solve(f, z0, solver=solver, tol=1e-10, max_iter=100)
+    assert res.converged.all() and all(p.is_contiguous() for p in res.z)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_channels_last_z0_stays_channels_last(solver):
+    seen = []
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1).double()
+    torch.nn.init.normal_(conv.weight, std=0.05)
+
+    def f(z):
+        seen.append(z.is_contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():
+            return torch.tanh(conv(z) + 0.3)
+
+    z0 = torch.zeros(2, 3, 5, 4, dtype=F64).to(memory_format=torch.channels_last)
+    res = solve(f, z0, solver=solver, tol=1e-10, max_iter=100)
+    assert res.converged.all() and all(seen)
+    assert res.z.is_contiguous(memory_format=torch.channels_last)
+    plain = solve(f, z0.contiguous(), solver=solver, tol=1e-10, max_iter=100)
+    torch.testing.assert_close(res.z, plain.z, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_large_finite_float32_states_are_not_reported_non_finite(solver, stop_mode):
+    """Entries near 1e30: their squares overflow float32 (3.4e38), their norms do not.
+
+    (Broyden forms inner products of the state itself; see its docstring for the limit.)"""
+    scale = 1e30
+    c = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]]) * scale
+    tol = 1e-5 if stop_mode == "rel" else 1e-5 * scale
+    res = solve(lambda z: 0.5 * z + c, torch.zeros(2, 3), solver=solver, tol=tol, max_iter=200,
+                stop_mode=stop_mode)
+    assert res.converged.all() and torch.isfinite(res.residual).all()
+    torch.testing.assert_close(res.z, 2 * c, rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# Mixed precision: the solver under autocast keeps float32 state.
+
+@solver_param
+def test_solvers_under_cpu_bf16_autocast_keep_float32_state(solver):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    x = torch.randn(3, 16)
+    dtypes = set()
+
+    def f(z):
+        dtypes.add(z.dtype)
+        return torch.tanh(lin(z) + x)  # lin(z) is bf16 under autocast; + x promotes to float32
+
+    def f_bf16(z):
+        return lin(z)  # stays bf16
+
+    spy = Spy(get_solver(solver))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = solve(f, torch.zeros(3, 16), solver=spy, tol=1e-2, max_iter=60)
+        res_bf16 = solve(f_bf16, torch.zeros(3, 16), solver=solver, tol=1e-2, max_iter=60)
+    assert spy.dtypes == {torch.float32} and dtypes == {torch.float32}
+    assert res.z.dtype == torch.float32 and res.residual.dtype == torch.float32
+    assert res.converged.all() and torch.isfinite(res.z).all()
+    assert res_bf16.z.dtype == torch.float32 and torch.isfinite(res_bf16.z).all()
+    exact = solve(f, torch.zeros(3, 16), solver="fixed_point", tol=1e-6, max_iter=200).z
+    assert float((res.z - exact).abs().max()) < 0.05  # bf16 f: about 3 significant digits
+
+
+def test_f_returning_another_dtype_is_still_an_error_without_autocast():
+    with pytest.raises(ValueError, match="bfloat16"):
+        solve(lambda z: z.to(torch.bfloat16), torch.zeros(2, 3))

@@ -30,6 +30,8 @@ class Implicit(Backward):
         tol: tolerance of the adjoint solve.
         max_iter: iteration budget of the adjoint solve.
         stop_mode: ``"rel"`` or ``"abs"``.
+        atol: ``rel`` mode only: the absolute term of the adjoint solve's stop
+            test (see :func:`deq.solve`); default 0.
 
     Raises:
         ValueError: unknown solver name, ``tol <= 0``, ``max_iter < 1``.
@@ -45,14 +47,15 @@ class Implicit(Backward):
     tol: float = 1e-6
     max_iter: int = 50
     stop_mode: str = "rel"
+    atol: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solver", get_solver(self.solver))
-        _check_budget(self.tol, self.max_iter, self.stop_mode)
+        _check_budget(self.tol, self.max_iter, self.stop_mode, self.atol)
 
     def adjoint(self, vjp, v, report):
         res = solve(lambda u: vjp(u) + v, torch.zeros_like(v), solver=self.solver, tol=self.tol,
-                    max_iter=self.max_iter, stop_mode=self.stop_mode, stage="backward")
+                    max_iter=self.max_iter, stop_mode=self.stop_mode, atol=self.atol, stage="backward")
         if report is not None:
             report(res)
         return res.z

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Solver, register
+from .base import Iterate, Solver, register
 
 
 @register("anderson")
@@ -64,7 +64,8 @@ class Anderson(Solver):
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta!r}")
 
-    def init(self, z: Tensor, fz: Tensor) -> dict:
+    def init(self, it: Iterate) -> dict:
+        z = it.z
         batch, dim = z.shape
         new = dict(dtype=z.dtype, device=z.device)
         # Slots not yet filled stay zero: their Gram rows and right-hand sides are
@@ -79,8 +80,9 @@ class Anderson(Solver):
         # residual is written where the product with the history reads it (no
         # stacking copy) while the previous step's g survives in the other one.
         pairs = (torch.empty(batch, 2, dim, **new), torch.empty(batch, 2, dim, **new))
+        pairs[0][:, 1].copy_(it.g)
         return {
-            "z": z, "fz": fz, "k": 0, "dG": dG, "dY": dY, "gram": gram, "pairs": pairs,
+            "z": z, "fz": it.fz, "k": 0, "dG": dG, "dY": dY, "gram": gram, "pairs": pairs,
             "rows": tuple(p.unbind(1) for p in pairs),
             "eye": torch.eye(self.m, **new), "tiny": torch.tensor(torch.finfo(z.dtype).tiny, **new),
             # Views made once, not per step: on small problems each indexing op
@@ -95,11 +97,11 @@ class Anderson(Solver):
             "stale": torch.zeros(batch, 1, **new),
         }
 
-    def step(self, state, z, fz, active, evaluate):
+    def step(self, state, it, active, evaluate):
         k = state["k"]
+        z, fz = it.z, it.fz
+        # The loop's g of this iterate: rows[k % 2][1] (step k - 1 wrote it there).
         dg, g = state["rows"][k % 2]
-        torch.sub(fz, z, out=g)
-        g_sq = g.square().sum(dim=1, keepdim=True)
         weight = active.to(z.dtype)[:, None]  # 0 freezes a stopped sample
         mixed = fz if self.beta == 1.0 else torch.add(z, g, alpha=self.beta)  # z + beta g
         if k == 0:
@@ -117,26 +119,35 @@ class Anderson(Solver):
             prods = torch.bmm(state["pairs"][k % 2], state["dG_t"])  # (B, 2, m)
             gram_row.copy_(prods[:, 0])
             gram_col.copy_(prods[:, 0])
-            # Restart: a sample whose residual has not fallen below its best for
-            # ``m`` steps drops its history and takes the plain mixing step:
-            # on a nonlinear f Anderson can otherwise cycle on a plateau.
-            valid, best_sq, stale = state["valid"], state["best_sq"], state["stale"]
-            improved = g_sq < best_sq
-            torch.minimum(best_sq, g_sq, out=best_sq)
-            stale.add_(1.0).mul_(~improved)
-            keep = stale < self.m
-            valid[:, (k - 1) % self.m] = 1.0
-            valid.mul_(keep)
-            stale.mul_(keep)
-            best_sq.copy_(torch.where(keep, best_sq, g_sq))
-            outer = valid.unsqueeze(2) * valid.unsqueeze(1)
-            masked = state["gram"] * outer
-            ridge = torch.add(state["tiny"], masked.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True), alpha=self.lam)
-            system = torch.addcmul(masked, ridge.unsqueeze(2), state["eye"])
-            # gamma (B, 1, m) as a row: gamma A = rhs^T, the same as A gamma^T = rhs (A symmetric).
-            gamma, info = torch.linalg.solve_ex(system, prods[:, 1:] * valid.unsqueeze(1), left=False)
-            # A singular or non-finite solve falls back to the plain mixing step.
-            ok = (info.view(-1, 1, 1) == 0) & gamma.sum(dim=2, keepdim=True).isfinite()
-            gamma = torch.where(ok, gamma, 0.0)
+            gamma = self._gamma(state, k, prods, it.gn.square()[:, None])
             z_new = z.lerp(torch.baddbmm(mixed.unsqueeze(1), gamma, state["dY"], alpha=-1.0).squeeze(1), weight)
-        return {**state, "z": z, "fz": fz, "k": k + 1}, z_new, evaluate(z_new, active)
+        fz_new = evaluate(z_new, active)
+        # g of the new iterate, where the next step reads it.
+        g_new = torch.sub(fz_new, z_new, out=state["rows"][(k + 1) % 2][1])
+        return {**state, "z": z, "fz": fz, "k": k + 1}, z_new, fz_new, g_new
+
+    def _gamma(self, state: dict, k: int, prods: Tensor, g_sq: Tensor) -> Tensor:
+        """The ``(B, 1, m)`` mixing coefficients, after the per-sample restart on stagnation.
+
+        A sample whose residual has not fallen below its best for ``m`` steps
+        drops its history and takes the plain mixing step: on a nonlinear f
+        Anderson can otherwise cycle on a plateau.
+        """
+        valid, best_sq, stale = state["valid"], state["best_sq"], state["stale"]
+        improved = g_sq < best_sq
+        torch.minimum(best_sq, g_sq, out=best_sq)
+        stale.add_(1.0).mul_(~improved)
+        keep = stale < self.m
+        valid[:, (k - 1) % self.m] = 1.0
+        valid.mul_(keep)
+        stale.mul_(keep)
+        best_sq.copy_(torch.where(keep, best_sq, g_sq))
+        outer = valid.unsqueeze(2) * valid.unsqueeze(1)
+        masked = state["gram"] * outer
+        ridge = torch.add(state["tiny"], masked.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True), alpha=self.lam)
+        system = torch.addcmul(masked, ridge.unsqueeze(2), state["eye"])
+        # gamma (B, 1, m) as a row: gamma A = rhs^T, the same as A gamma^T = rhs (A symmetric).
+        gamma, info = torch.linalg.solve_ex(system, prods[:, 1:] * valid.unsqueeze(1), left=False)
+        # A singular or non-finite solve falls back to the plain mixing step.
+        ok = (info.view(-1, 1, 1) == 0) & gamma.sum(dim=2, keepdim=True).isfinite()
+        return torch.where(ok, gamma, 0.0)

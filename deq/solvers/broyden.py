@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import Solver, register
+from .base import Iterate, Solver, register
 
 
 @register("broyden")
@@ -52,6 +52,12 @@ class Broyden(Solver):
     joins the same two passes instead. With the line search, trials also
     advance the memory's restart cycle.
 
+    Its inner products (``s^T H y`` and the like) are formed in the working
+    dtype, so they overflow for float32 states with entries above about
+    ``1e19`` (an iterate turns non-finite and the solve raises
+    :class:`~deq.solvers.NonFiniteError`); use float64 states at such scales.
+    Anderson falls back to plain mixing there instead.
+
     Args:
         memory: number of rank-one terms kept, ``memory >= 1``.
         line_search: backtracking Armijo line search on the step length.
@@ -81,13 +87,15 @@ class Broyden(Solver):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
 
-    def init(self, z: Tensor, fz: Tensor) -> dict:
+    def init(self, it: Iterate) -> dict:
+        z = it.z
         batch, dim = z.shape
         new = dict(dtype=z.dtype, device=z.device)
         # Two work buffers, used in turn, each holding [g(z), y, s, H g(z), H y]
         # for one step: the products below read them in place (no stacking
         # copies), and the previous step's g survives in the other one.
         work = (torch.empty(batch, 5, dim, **new), torch.empty(batch, 5, dim, **new))
+        work[0][:, 0].copy_(it.g)
         state = {
             # Term i is u_i in row 2i and v_i in row 2i + 1: the terms in use are
             # always a prefix of the buffer, so each pass reads only that prefix.
@@ -108,9 +116,8 @@ class Broyden(Solver):
         if self.line_search:
             # The accepted point of each sample, its g and ||g||, the direction
             # from it, the step length being tried and the trials so far.
-            g = fz - z
-            state.update(z_base=z.clone(), g_base=g, gn_base=torch.linalg.vector_norm(g, dim=1),
-                         d=g.clone(), alpha=torch.ones(batch, **new),
+            state.update(z_base=z.clone(), g_base=it.g.clone(), gn_base=it.gn, d=it.g.clone(),
+                         alpha=torch.ones(batch, **new),
                          trials=torch.ones(batch, dtype=torch.int64, device=z.device))
         return state
 
@@ -189,17 +196,18 @@ class Broyden(Solver):
         mask_v.copy_(ok_w)
         return Hg_next
 
-    def step(self, state, z, fz, active, evaluate):
+    def step(self, state, it, active, evaluate):
         # Step k evaluates one new point per sample. From step 1 on, the point
         # evaluated by step k - 1 arrives as (z, fz) and, once accepted, gives
         # the pair (s, y) of the Broyden update.
         k = state["k"]
+        z = it.z
+        # g of this iterate is rows[k % 2][0]: step k - 1 (or init) wrote it there.
         g_new, y, s, _, _ = state["rows"][k % 2]
         nxt = state["rows"][(k + 1) % 2]
-        torch.sub(fz, z, out=g_new)
         weight = active.to(z.dtype)
         if self.line_search:
-            z_new = self._search_step(state, k, z, g_new, y, s, active, weight)
+            z_new = self._search_step(state, k, z, g_new, it.gn, y, s, active, weight)
         else:
             # nxt[0] is the previous g, and s (the previous d) is already in place.
             Hg = g_new.neg() if k == 0 else self._update(state, k, active, nxt[0], state["Hg"])
@@ -207,9 +215,12 @@ class Broyden(Solver):
             # d = -H g', written where the next step reads s; zero for stopped samples.
             d = torch.mul(Hg, weight.neg()[:, None], out=nxt[2])
             z_new = z + d
-        return {**state, "k": k + 1}, z_new, evaluate(z_new, active)
+        fz_new = evaluate(z_new, active)
+        # g of the new iterate, where the next step reads it (this step is done with nxt[0]).
+        g_next = torch.sub(fz_new, z_new, out=nxt[0])
+        return {**state, "k": k + 1}, z_new, fz_new, g_next
 
-    def _search_step(self, state, k, z, g_new, y, s, active, weight):
+    def _search_step(self, state, k, z, g_new, gn, y, s, active, weight):
         """The next point with the line search: a new step where the last trial is accepted, else a shorter trial.
 
         Per sample, with no host sync: the trial ``z_base + alpha d`` is accepted
@@ -222,7 +233,6 @@ class Broyden(Solver):
             accept = active  # z0 is the first accepted point; its direction is g (H = -I)
             trials = state["trials"]
         else:
-            gn = torch.linalg.vector_norm(g_new, dim=1)
             armijo = gn <= (1 - self._ARMIJO_C * alpha) * state["gn_base"]
             accept = active & (armijo | (state["trials"] >= self.max_ls_iter))
             torch.sub(g_new, g_base, out=y)
