@@ -474,3 +474,66 @@ def test_atol_reaches_the_solve_in_both_modes():
     assert layer.last_result.n_iter == 1
     with pytest.raises(ValueError, match="atol"):
         DEQLayer(lambda z, x: z, atol=-1.0)
+
+
+# ---------------------------------------------------------------------------
+# Active set: compact=...
+
+
+class RowCell(nn.Module):
+    """f(z, (x, scale)) = tanh(z W^T + x U^T) * scale: per-sample data in a tuple x."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = TanhCell(rho=0.9)
+
+    def forward(self, z, x):
+        inp, scale = x
+        return self.cell(z, inp) * scale
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg", "upg"])
+def test_compact_layer_equals_the_full_batch_forward_and_gradients(backward):
+    cell = RowCell()
+    x = _x(batch=6, requires_grad=True)
+    scale = torch.linspace(0.2, 1.0, 6, dtype=DT)[:, None]  # samples converge at different speeds
+    results = []
+    for compact in (False, 1.0):
+        layer = DEQLayer(cell, solver="anderson", backward=backward, tol=1e-10, max_iter=100, compact=compact)
+        z = layer((x, scale), torch.zeros(6, 5, dtype=DT))
+        grads = _params_and_x_grads((z * torch.arange(5, dtype=DT)).sum(), cell, x)
+        results.append((z.detach(), grads, layer.last_result))
+    (z_full, g_full, r_full), (z_c, g_c, r_c) = results
+    torch.testing.assert_close(z_c, z_full, rtol=0, atol=1e-12)
+    _assert_all_close(g_c, g_full, tol=1e-9)
+    assert torch.equal(r_c.nstep, r_full.nstep)
+    assert r_c.rows == int(r_c.nstep.sum()) < r_full.rows
+
+
+def test_compact_refuses_an_f_that_draws_random_numbers():
+    layer = DEQLayer(DropCell(p=0.3), tol=1e-8, max_iter=50, compact=True)
+    with pytest.raises(ValueError, match="random numbers"):
+        layer(_x())
+    layer.eval()  # no dropout: allowed
+    layer(_x())
+
+
+def test_compact_checks_that_x_is_batch_first():
+    layer = DEQLayer(lambda z, x: torch.tanh(z + x[0] + x[1]), tol=1e-8, compact=True)
+    with pytest.raises(ValueError, match=r"x\[1\].*shape \(5,\)"):
+        layer((torch.zeros(3, 5), torch.zeros(5)), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="compact"):
+        DEQLayer(lambda z, x: z, compact=2.0)
+    with pytest.raises(ValueError, match="check_every"):
+        DEQLayer(lambda z, x: z, check_every=0)
+
+
+def test_check_every_reaches_the_solve():
+    layer = DEQLayer(TanhCell(rho=0.9), solver="anderson", tol=1e-10, max_iter=100)
+    x = _x()
+    layer(x)
+    one = layer.last_result
+    layer.check_every = 5
+    layer(x)
+    assert torch.equal(layer.last_result.nstep, one.nstep) and layer.last_result.n_iter >= one.n_iter
+    assert layer.last_result.n_iter % 5 == 0 or layer.last_result.n_iter == 100

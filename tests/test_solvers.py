@@ -135,6 +135,17 @@ class Counting:
         return self.f(z)
 
 
+def state_tensors(state) -> list[torch.Tensor]:
+    """The tensors a solver state holds (dataclass fields, recursively; views excluded)."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for v in state for t in state_tensors(v)]
+    if dataclasses.is_dataclass(state):
+        return [t for fld in dataclasses.fields(state) if fld.init for t in state_tensors(getattr(state, fld.name))]
+    return []
+
+
 class Spy(Solver):
     """Delegates to a solver and records what the loop hands it (dtypes, state shapes)."""
 
@@ -145,9 +156,9 @@ class Spy(Solver):
 
     def _record(self, state, z):
         self.dtypes.add(z.dtype)
-        tensors = state.values() if isinstance(state, dict) else (state if isinstance(state, tuple) else [state])
-        self.state_shapes.add(tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor)))
-        self.state_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        tensors = state_tensors(state)
+        self.state_shapes.add(tuple(tuple(t.shape) for t in tensors))
+        self.state_bytes = sum(t.numel() * t.element_size() for t in tensors)
 
     def init(self, it):
         state = self.inner.init(it)
@@ -275,7 +286,7 @@ def test_line_search_backtracks_on_the_counting_problem():
     class TrialSpy(Spy):
         def step(self, state, it, active, evaluate):
             state, z, fz, g = super().step(state, it, active, evaluate)
-            self.max_trials = max(getattr(self, "max_trials", 0), int(state["trials"].max()))
+            self.max_trials = max(getattr(self, "max_trials", 0), int(state.search.trials.max()))
             return state, z, fz, g
 
     prob = SPDRoot(batch=3, top=6.0, nonlin=2.0)
@@ -540,9 +551,9 @@ def test_broyden_memory_does_not_grow_with_max_iter():
         sizes[max_iter] = (spy.state_shapes, spy.state_bytes, spy.steps)
     assert sizes[10][2] < sizes[1000][2]
     assert sizes[10][0] == sizes[1000][0] and sizes[10][1] == sizes[1000][1]
-    # 2 * memory (B, D) float64 rows for the terms, a few (B, D) work vectors, the small mask.
+    # Broyden's docstring: (2 memory + 11) B D + 6 memory B float64 numbers (terms, work vectors, mask).
     batch, dim, memory = 2, 6, 4
-    assert sizes[10][1] <= (2 * memory + 12) * batch * dim * 8 + 4 * memory * batch * 8
+    assert sizes[10][1] == ((2 * memory + 11) * batch * dim + 6 * memory * batch) * 8
 
 
 def test_broyden_restarts_when_memory_is_full():
@@ -975,3 +986,178 @@ def test_solvers_under_cpu_bf16_autocast_keep_float32_state(solver):
 def test_f_returning_another_dtype_is_still_an_error_without_autocast():
     with pytest.raises(ValueError, match="bfloat16"):
         solve(lambda z: z.to(torch.bfloat16), torch.zeros(2, 3))
+
+
+# ----------------------------------------------------------------------------
+# Active set (compact=...): f runs only on the rows still iterating.
+
+def _rowwise(prob):
+    """prob's f in the compact calling convention f(z, rows)."""
+    return lambda z, rows: prob.f_for(slice(None) if rows is None else rows)(z)
+
+
+def _assert_same_result(a: SolverResult, b: SolverResult, atol=1e-12):
+    torch.testing.assert_close(a.z, b.z, rtol=0, atol=atol)
+    assert torch.equal(a.nstep, b.nstep) and torch.equal(a.converged, b.converged)
+    assert torch.equal(a.best_step, b.best_step)
+    torch.testing.assert_close(a.residual, b.residual, rtol=1e-8, atol=1e-15)
+
+
+@solver_param
+@pytest.mark.parametrize("compact", [True, 1.0, 0.5])
+def test_compact_equals_the_full_batch(solver, compact):
+    prob = TanhNet(batch=6, rho=(0.1, 0.3, 0.6, 0.8, 0.9, 0.97), seed=3)
+    full = solve(prob.f, prob.z0, solver=solver, tol=1e-9, max_iter=300)
+    res = solve(_rowwise(prob), prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact)
+    _assert_same_result(res, full)
+    torch.testing.assert_close(res.trace, full.trace, rtol=1e-8, atol=1e-15)
+    assert full.rows == full.n_iter * 6
+    assert res.rows < full.rows or (compact == 0.5 and res.rows == full.rows)  # 0.5 may never be reached
+
+
+@solver_param
+def test_compact_at_threshold_one_processes_exactly_the_rows_needed_alone(solver):
+    prob = TanhNet(batch=6, rho=(0.1, 0.3, 0.6, 0.8, 0.9, 0.97), seed=3)
+    alone = sum(int(r.nstep) for r in _solve_each(prob, solver, tol=1e-9, max_iter=300))
+    res = solve(_rowwise(prob), prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=1.0)
+    assert res.rows == int(res.nstep.sum()) == alone
+
+
+def test_compact_hands_f_the_batch_indices_of_its_rows():
+    prob = Affine(batch=4, rho=(0.2, 0.9, 0.5, 0.95))
+    seen = []
+
+    def f(z, rows):
+        seen.append(None if rows is None else rows.tolist())
+        return prob.f_for(slice(None) if rows is None else rows)(z)
+
+    res = solve(f, prob.z0, solver="fixed_point", tol=1e-10, max_iter=500, compact=1.0)
+    torch.testing.assert_close(res.z, prob.z_star, rtol=0, atol=1e-8)
+    assert seen[0] is None
+    shrinking = [r for r in seen if r is not None]
+    assert shrinking[-1] == [3] and all(r == sorted(r) for r in shrinking)
+    assert all(set(b) <= set(a) for a, b in zip(shrinking, shrinking[1:]))
+
+
+@solver_param
+def test_compact_with_tuple_state_and_bf16(solver):
+    gen = torch.Generator().manual_seed(4)
+    W = 0.5 * torch.randn(4, 7, 7, generator=gen, dtype=F64) / math.sqrt(7)
+    W[0] *= 0.1
+    u = torch.randn(4, 7, generator=gen, dtype=F64)
+
+    def f(z, rows=None):
+        h, c = z
+        sel = slice(None) if rows is None else rows
+        flat = torch.cat([h.reshape(h.shape[0], 4), c], dim=1).double()
+        out = torch.tanh((W[sel] @ flat[:, :, None]).squeeze(2) + u[sel])
+        return out[:, :4].reshape(h.shape).to(h.dtype), out[:, 4:].to(c.dtype)
+
+    for dtype in (F64, torch.bfloat16):
+        z0 = (torch.zeros(4, 2, 2, dtype=dtype), torch.zeros(4, 3, dtype=dtype))
+        tol = 1e-10 if dtype == F64 else 1e-2
+        full = solve(lambda z: f(z), z0, solver=solver, tol=tol, max_iter=200)
+        res = solve(f, z0, solver=solver, tol=tol, max_iter=200, compact=1.0)
+        for a, b in zip(res.z, full.z):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9 if dtype == F64 else 0)
+        assert torch.equal(res.nstep, full.nstep) and res.rows < full.rows
+
+
+def test_compact_non_finite_names_the_batch_index_and_keeps_the_others_results():
+    prob = TanhNet(batch=4, rho=(0.1, 0.2, 0.3, 0.97))
+    calls = [0]
+
+    def f(z, rows):
+        calls[0] += 1
+        out = prob.f_for(slice(None) if rows is None else rows)(z)
+        if calls[0] == 20:  # samples 0-2 stop after 11-14 calls: only sample 3 is left
+            out[-1] = float("nan")
+        return out
+
+    with pytest.raises(NonFiniteError, match=r"samples \[3\]") as err:
+        solve(f, prob.z0, solver="fixed_point", tol=1e-12, max_iter=300, compact=1.0)
+    partial = err.value.result
+    alone = solve(prob.f, prob.z0, solver="fixed_point", tol=1e-12, max_iter=300)
+    assert err.value.samples == [3] and err.value.step == 19
+    assert partial.converged[:3].all() and not partial.converged[3]
+    torch.testing.assert_close(partial.z[:3], alone.z[:3], rtol=0, atol=1e-14)
+    assert torch.isfinite(partial.z).all()
+
+
+@pytest.mark.parametrize("compact", [0.0, -0.5, 1.5, "yes", None])
+def test_invalid_compact(compact):
+    with pytest.raises(ValueError, match="compact"):
+        solve(lambda z, rows: torch.cos(z), torch.zeros(2, 1), compact=compact)
+
+
+def test_compact_needs_a_selectable_solver_state():
+    class DictState(Solver):
+        name = "dict_state"
+
+        def init(self, it):
+            return {"prev": it.z}
+
+        def step(self, state, it, active, evaluate):
+            z = it.z.lerp(it.fz, active.to(it.z.dtype)[:, None])
+            fz = evaluate(z, active)
+            return state, z, fz, fz - z
+
+    prob = TanhNet()
+    with pytest.raises(TypeError, match="dataclass"):
+        solve(_rowwise(prob), prob.z0, solver=DictState(), tol=1e-8, max_iter=200, compact=1.0)
+
+
+# ----------------------------------------------------------------------------
+# check_every=k: fewer host syncs, the same per-sample results.
+
+def _count_syncs(monkeypatch) -> list[str]:
+    syncs = []
+    for method in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
+        real = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _real=real, _name=method, **kwargs):
+            syncs.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return syncs
+
+
+@solver_param
+@pytest.mark.parametrize("every", [2, 3, 7])
+@pytest.mark.parametrize("compact", [False, 1.0])
+def test_check_every_k_gives_the_same_per_sample_results(solver, every, compact, monkeypatch):
+    prob = TanhNet(batch=6, rho=(0.1, 0.3, 0.6, 0.8, 0.9, 0.97), seed=3)
+    f = _rowwise(prob) if compact else prob.f
+    one = solve(f, prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact)
+    syncs = _count_syncs(monkeypatch)
+    res = solve(f, prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact, check_every=every)
+    monkeypatch.undo()
+    _assert_same_result(res, one, atol=0)
+    assert one.n_iter <= res.n_iter < one.n_iter + every
+    torch.testing.assert_close(res.trace[:one.n_iter], one.trace, rtol=0, atol=0)
+    # One sync per check (two more at the end), plus what compaction needs at a check.
+    checks = -(-res.n_iter // every) + 1
+    assert len(syncs) <= (3 if compact else 1) * checks + 2, (len(syncs), res.n_iter, syncs)
+
+
+def test_check_every_k_finds_a_non_finite_value_and_names_its_step():
+    prob = TanhNet(rho=0.9)
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        out = prob.f(z)
+        if calls[0] >= 5:
+            out[2] = float("nan")
+        return out
+
+    with pytest.raises(NonFiniteError, match=r"step 4 for samples \[2\]") as err:
+        solve(f, prob.z0, solver="anderson", tol=1e-14, max_iter=50, check_every=4)
+    assert torch.isfinite(err.value.result.z).all()
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, "sometimes", True])
+def test_invalid_check_every(every):
+    with pytest.raises(ValueError, match="check_every"):
+        solve(torch.cos, torch.zeros(2, 1), check_every=every)

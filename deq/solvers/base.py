@@ -110,6 +110,10 @@ class SolverResult:
         tol: the tolerance the solve was run at.
         atol: the absolute tolerance added in ``rel`` mode (0 in ``abs`` mode,
             where ``tol`` is the absolute tolerance).
+        rows: the rows ``f`` processed over the solve (each call adds its
+            batch size): the honest cost of the batch, where ``nstep`` is that
+            of each sample. Without ``compact`` it is ``n_iter * B``; ``None``
+            where not counted (the unrolled layer).
         backward: for a :class:`deq.DEQLayer` call, the result of the backward
             (adjoint) solve once ``backward()`` has run; ``None`` otherwise.
     """
@@ -126,6 +130,7 @@ class SolverResult:
     tol: float
     backward: "SolverResult | None" = None
     atol: float = 0.0
+    rows: int | None = None
 
     def detach(self) -> "SolverResult":
         """This result with every tensor detached from autograd."""
@@ -229,6 +234,12 @@ class _Spec:
     def batch(self) -> int:
         return self.shapes[0][0]
 
+    def shapes_for(self, rows: int) -> tuple[torch.Size, ...]:
+        """The part shapes for ``rows`` samples (the working set of an active-set solve)."""
+        if rows == self.batch:
+            return self.shapes
+        return tuple(torch.Size((rows, *shape[1:])) for shape in self.shapes)
+
 
 def working_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """float32 or wider: the dtype solver state is kept in for f's ``dtypes``."""
@@ -276,7 +287,7 @@ def _unflatten(flat: Tensor, spec: _Spec) -> State:
     """Parts of z0's shapes, dtypes and memory formats; each part contiguous in that format."""
     pieces = flat.split(list(spec.sizes), dim=1) if len(spec.sizes) > 1 else (flat,)
     parts = []
-    for piece, shape, dtype, perm in zip(pieces, spec.shapes, spec.dtypes, spec.perms):
+    for piece, shape, dtype, perm in zip(pieces, spec.shapes_for(flat.shape[0]), spec.dtypes, spec.perms):
         part = piece.reshape([shape[d] for d in perm] if perm is not None else shape)
         if part.dtype != dtype:
             part = part.to(dtype)
@@ -293,10 +304,11 @@ def _describe(spec_shapes: Sequence[torch.Size]) -> str:
     return ", ".join(str(tuple(s)) for s in spec_shapes)
 
 
-def _check_output(out: Any, spec: _Spec, autocast: bool) -> None:
-    """f(z) must have the structure and shapes of z0, and its dtypes (or, under autocast, floating ones)."""
-    if (not spec.is_tuple and isinstance(out, Tensor) and out.shape == spec.shapes[0]
-            and out.dtype == spec.dtypes[0]):
+def _check_output(out: Any, spec: _Spec, autocast: bool, rows: int) -> None:
+    """f(z) must have the structure and shapes of z (``rows`` samples), and z0's dtypes (or, under autocast,
+    floating ones)."""
+    expected = spec.shapes_for(rows)
+    if not spec.is_tuple and isinstance(out, Tensor) and out.shape == expected[0] and out.dtype == spec.dtypes[0]:
         return
     parts = out if isinstance(out, tuple) else (out,)
     if isinstance(out, tuple) != spec.is_tuple or len(parts) != len(spec.shapes) or not all(
@@ -305,8 +317,9 @@ def _check_output(out: Any, spec: _Spec, autocast: bool) -> None:
         raise ValueError(f"f must return {kind} like z0 (shapes {_describe(spec.shapes)}), got "
                          f"{type(out).__name__}" + (f" of length {len(parts)}" if isinstance(out, tuple) else ""))
     shapes = tuple(t.shape for t in parts)
-    if shapes != spec.shapes:
-        raise ValueError(f"f returned shape {_describe(shapes)} but z0 has shape {_describe(spec.shapes)}; "
+    if shapes != expected:
+        given = "z0 has shape" if expected == spec.shapes else "the rows of z it was given have shape"
+        raise ValueError(f"f returned shape {_describe(shapes)} but {given} {_describe(expected)}; "
                          "f(z) must have the shape of z")
     dtypes = tuple(t.dtype for t in parts)
     if dtypes != spec.dtypes and not (autocast and all(dt.is_floating_point for dt in dtypes)):
@@ -427,16 +440,91 @@ class _Autocast:
 # ----------------------------------------------------------------------------
 # The loop.
 
-class _Loop:
-    """One solve's bookkeeping: the stop test, the best iterate, counts and the raw trace.
+def _select(state: Any, keep: Tensor) -> Any:
+    """``state`` restricted to the rows ``keep``: every per-row tensor field of a dataclass state.
 
-    Per iteration (:meth:`record`) about ten small tensor ops and no host sync;
-    :meth:`check` is the one sync, done once per iteration.
+    A field is per-row unless its metadata says ``shared``; tuples of per-row
+    tensors are indexed element by element, dataclass fields recursively;
+    other values are kept. ``None`` (a stateless solver) stays ``None``.
+    Fields with ``init=False`` (views of the others) are rebuilt by the
+    state's ``__post_init__``.
+    """
+    if state is None:
+        return None
+    if not dataclasses.is_dataclass(state):
+        raise TypeError(f"compact=True needs the solver state to be a dataclass (or None) so that its rows can be "
+                        f"selected; got {type(state).__name__}")
+    changes = {}
+    for fld in dataclasses.fields(state):
+        value = getattr(state, fld.name)
+        if not fld.init or fld.metadata.get("shared"):
+            continue
+        if isinstance(value, Tensor):
+            changes[fld.name] = value.index_select(0, keep)
+        elif isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
+            changes[fld.name] = tuple(v.index_select(0, keep) for v in value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes[fld.name] = _select(value, keep)
+    return dataclasses.replace(state, **changes)
+
+
+class _Rows:
+    """The batch rows still in the solve (all of them until the first compaction) and what left it.
+
+    With ``compact``, rows that have stopped are dropped from every working
+    tensor once the active share of the working set falls below the
+    threshold; their results are written to full-batch outputs here.
     """
 
-    def __init__(self, f: Callable, spec: _Spec, test: _StopTest, algo: Solver, stage: str,
-                 device: torch.device, amp: _Autocast):
+    def __init__(self, batch: int, work_dtype: torch.dtype, dim: int, device: torch.device, fn: bool):
+        self.batch, self.idx = batch, None  # idx: working row -> batch row (None: all, in order)
+        self.epochs: list[tuple[int, Tensor | None]] = [(0, None)]  # (first iteration, idx) per working set
+        self._out = dict(dtype=work_dtype, device=device)
+        self.dim, self.has_fn = dim, fn
+        self.z = self.gn = self.fn = self.nstep = None  # full-batch outputs, made at the first compaction
+
+    def batch_rows(self, rows: Tensor) -> Tensor:
+        return rows if self.idx is None else self.idx.index_select(0, rows)
+
+    def write(self, rows: Tensor, z: Tensor, gn: Tensor, fn: Tensor | None, nstep: Tensor) -> None:
+        """Store the results of working rows ``rows`` in the full-batch outputs."""
+        if self.z is None:
+            self.z = torch.zeros(self.batch, self.dim, **self._out)
+            self.gn = torch.zeros(self.batch, **self._out)
+            self.fn = torch.zeros(self.batch, **self._out) if self.has_fn else None
+            self.nstep = torch.zeros(self.batch, dtype=torch.int64, device=self._out["device"])
+        at = self.batch_rows(rows)
+        self.z.index_copy_(0, at, z.index_select(0, rows))
+        self.gn.index_copy_(0, at, gn.index_select(0, rows))
+        if fn is not None:
+            self.fn.index_copy_(0, at, fn.index_select(0, rows))
+        self.nstep.index_copy_(0, at, nstep.index_select(0, rows))
+
+    def trace(self, values: list[Tensor]) -> Tensor:
+        """``(n_iter, B)`` from per-iteration working-set vectors (+inf after a row left)."""
+        if self.idx is None and len(self.epochs) == 1:
+            return torch.stack(values)
+        full = torch.full((len(values), self.batch), math.inf, **self._out)
+        bounds = [start for start, _ in self.epochs[1:]] + [len(values)]
+        for (start, idx), end in zip(self.epochs, bounds):
+            if end > start:
+                block = torch.stack(values[start:end])
+                full[start:end] = block if idx is None else full[start:end].index_copy(1, idx, block)
+        return full
+
+
+class _Loop:
+    """One solve's bookkeeping: the stop test, the best iterate, counts, the raw trace, the active set.
+
+    Per iteration (:meth:`record`) about ten small tensor ops; every
+    ``check_every`` iterations one host sync (:meth:`check`), which also
+    compacts the working set in active-set mode.
+    """
+
+    def __init__(self, f: Callable, spec: _Spec, test: _StopTest, algo: Solver, stage: str, device: torch.device,
+                 amp: _Autocast, *, compact: float | None, check_every: int):
         self.f, self.spec, self.test, self.algo, self.stage, self.amp = f, spec, test, algo, stage, amp
+        self.compact, self.check_every = compact, check_every
         self.nstep = torch.zeros(spec.batch, dtype=torch.int64, device=device)
         # With a bf16/fp16 f the state is wider than what f sees; the residual (and
         # the best iterate) are taken at the iterate as f saw it, rounded, because
@@ -445,33 +533,46 @@ class _Loop:
         self.scaled = False
         self.gns: list[Tensor] = []
         self.fns: list[Tensor | None] = []
+        self.rows = _Rows(spec.batch, spec.work_dtype, sum(spec.sizes), device, test.stop_mode == "rel")
+        self.rows_processed = 0
+        self.keep_going = True
+        self.state: Any = None
+
+    @property
+    def n_iter(self) -> int:
+        return len(self.gns)
 
     def evaluate(self, z: Tensor, charge: Tensor) -> Tensor:
         with self.amp.inside():
-            out = self.f(_unflatten(z, self.spec))
-        _check_output(out, self.spec, self.amp.enabled)
+            state = _unflatten(z, self.spec)
+            out = self.f(state, self.rows.idx) if self.compact is not None else self.f(state)
+        _check_output(out, self.spec, self.amp.enabled, z.shape[0])
         self.nstep.add_(charge)
+        self.rows_processed += z.shape[0]
         return _flatten(out, self.spec)
 
-    def seen(self, z: Tensor) -> Tensor:
+    def _seen(self, z: Tensor) -> Tensor:
         return _flatten(_unflatten(z, self.spec), self.spec) if self.narrow else z
 
-    def first(self, z: Tensor) -> Iterate:
-        """Evaluate ``f(z0)``, start the best iterate and the active set."""
+    def start(self, z: Tensor) -> None:
+        """Evaluate ``f(z0)``, start the best iterate and the active set, check, init the solver."""
         fz = self.evaluate(z, torch.ones(self.spec.batch, dtype=torch.bool, device=z.device))
         g = fz - z
         gn, fn = self.test.norms(g, fz, self.scaled)
         self.best_z, self.best_gn, self.best_fn = z.clone(), gn, fn
         self.excess = self.test.excess(gn, fn)
         self.active = ~(self.excess <= 0)  # True for NaN, until the check raises
+        self.improved = None
         self.gns.append(gn)
         self.fns.append(fn)
-        self._last = (z, fz, g, fn)
-        return Iterate(z, fz, g, gn)
+        self.it, self.fn = Iterate(z, fz, g, gn), fn
+        self.check()
+        self.state = self.algo.init(self.it)
 
-    def record(self, z: Tensor, fz: Tensor, g: Tensor) -> Iterate:
-        """Bookkeeping for the iterate a step produced (no host sync)."""
-        seen = self.seen(z)
+    def record(self, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> None:
+        """Bookkeeping for the iterate a step produced, then the check when one is due."""
+        self.state = state
+        seen = self._seen(z)
         gn, fn = self.test.norms(fz - seen if self.narrow else g, fz, self.scaled)
         self.excess = self.test.excess(gn, fn)
         conv = self.excess <= 0
@@ -485,31 +586,62 @@ class _Loop:
         self.active = self.active & ~conv
         self.gns.append(gn)
         self.fns.append(fn)
-        self._last = (seen, fz, g, fn)
-        return Iterate(z, fz, g, gn)
+        self.it, self.fn, self.seen = Iterate(z, fz, g, gn), fn, seen
+        if self.n_iter % self.check_every == 0:
+            self.check()
+        else:
+            # Unchecked rows may be NaN: where() keeps them out of the best iterate.
+            self.best_z = torch.where(improved[:, None], seen, self.best_z)
+            self.improved = None
 
-    def check(self, step: int) -> bool:
-        """The one host sync: whether any sample goes on; raises on non-finite values."""
-        worst = torch.where(self.active, self.excess, -1.0).max().item()
+    def check(self, *, final: bool = False) -> None:
+        """The host sync: whether any sample goes on; raises on non-finite values; compacts (not when final)."""
+        masked = torch.where(self.active, self.excess, -1.0)
+        if self.compact is None:
+            worst, n_active = masked.max().item(), None
+        else:
+            worst, n_active = torch.stack([masked.max(), self.active.sum().to(masked.dtype)]).tolist()
         if not math.isfinite(worst):
-            self._non_finite(step)
+            self._non_finite()
             worst = torch.where(self.active, self.excess, -1.0).max().item()
-        elif step:
+        elif self.improved is not None:
             # Every row is finite here, so lerp with weights 0/1 is an exact row
             # select (x + 0*(y-x) = x, y - (y-x)*0 = y), several times cheaper
             # than torch.where on CPU.
-            self.best_z.lerp_(self._last[0], self.improved.to(self.best_z.dtype)[:, None])
-        return worst > 0
+            self.best_z.lerp_(self.seen, self.improved.to(self.best_z.dtype)[:, None])
+        self.improved = None
+        self.keep_going = worst > 0
+        working = self.active.shape[0]
+        if (not final and self.keep_going and n_active is not None and n_active < working
+                and n_active <= self.compact * working):
+            self._compact()
 
-    def _non_finite(self, step: int) -> None:
+    def _compact(self) -> None:
+        """Drop the rows that stopped from every working tensor (they keep their results)."""
+        keep, leave = self.active.nonzero().squeeze(1), (~self.active).nonzero().squeeze(1)
+        self.rows.write(leave, self.best_z, self.best_gn, self.best_fn, self.nstep)
+        self.rows.idx = self.rows.batch_rows(keep)
+        self.rows.epochs.append((self.n_iter, self.rows.idx))
+        pick = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
+        self.best_z, self.best_gn, self.best_fn = pick(self.best_z), pick(self.best_gn), pick(self.best_fn)
+        self.nstep, self.active, self.excess = pick(self.nstep), pick(self.active), pick(self.excess)
+        self.it = Iterate(*(pick(t) for t in self.it))
+        self.fn = pick(self.fn)
+        self.state = _select(self.state, keep)
+
+    def _non_finite(self) -> None:
         """A norm came out NaN/inf: raise for non-finite vectors; rescale an overflowed norm."""
-        z, fz, g, _ = self._last
+        step = self.n_iter - 1
+        z, fz, g = (self.seen if step else self.it.z), self.it.fz, self.it.g
         bad = self.active & ~(torch.isfinite(g).all(dim=1) & torch.isfinite(fz).all(dim=1))
-        if step:
+        if self.improved is not None:
             # Rows that are not finite are never improved; where() keeps them out.
             self.best_z = torch.where(self.improved[:, None], z, self.best_z)
+            self.improved = None
         if bool(bad.any()):
-            idx, shown = _sample_list(bad)
+            idx, shown = _sample_list(self._batch_mask(bad))
+            # With check_every > 1 the values may have turned non-finite before this check.
+            step = next(t for t in range(self.n_iter) if not bool(torch.isfinite(self._at(t, bad)).all()))
             if step == 0:
                 raise NonFiniteError(f"{self.stage} solve: f(z0) returned non-finite values (NaN or inf) at step 0 "
                                      f"for samples [{shown}]", stage=self.stage, step=0, samples=idx)
@@ -531,25 +663,41 @@ class _Loop:
         self.best_z = torch.where(improved[:, None], z, self.best_z)
         self.active = self.active & ~conv
 
+    def _at(self, t: int, mask: Tensor) -> Tensor:
+        """The raw ||g|| of iteration ``t`` for the current working rows in ``mask`` (t within this working set)."""
+        start = self.rows.epochs[-1][0]
+        return self.gns[t][mask] if t >= start else self.gns[t].new_zeros(0)
+
+    def _batch_mask(self, mask: Tensor) -> Tensor:
+        """A working-set mask as a mask over the whole batch."""
+        if self.rows.idx is None:
+            return mask
+        full = torch.zeros(self.spec.batch, dtype=torch.bool, device=mask.device)
+        return full.index_fill_(0, self.rows.idx[mask], True)
+
     def result(self) -> SolverResult:
-        test = self.test
-        gn = torch.stack(self.gns)
-        fn = None if self.fns[0] is None else torch.stack(self.fns)
+        test, rows = self.test, self.rows
+        best_z, best_gn, best_fn, nstep = self.best_z, self.best_gn, self.best_fn, self.nstep
+        if rows.z is not None:  # compacted: the rows still working join those that left
+            rows.write(torch.arange(best_z.shape[0], device=best_z.device), best_z, best_gn, best_fn, nstep)
+            best_z, best_gn, best_fn, nstep = rows.z, rows.gn, rows.fn, rows.nstep
+        gn = rows.trace(self.gns)
+        fn = None if self.fns[0] is None else rows.trace(self.fns)
         # Each sample's raw rows after the iteration it stopped at are
-        # re-evaluations of a frozen iterate: the trace repeats its last value.
+        # re-evaluations of a frozen iterate (or absent, once compacted away):
+        # the trace repeats its last value.
         conv = test.excess(gn, fn) <= 0
-        rows = torch.arange(gn.shape[0], device=gn.device)[:, None]
-        stop = torch.where(conv, rows, gn.shape[0] - 1).amin(dim=0)
-        frozen = rows > stop
+        steps = torch.arange(gn.shape[0], device=gn.device)[:, None]
+        stop = torch.where(conv, steps, gn.shape[0] - 1).amin(dim=0)
+        frozen = steps > stop
         trace = test.residual(gn, fn)
         trace = torch.where(frozen, trace.gather(0, stop[None]), trace)
-        converged = test.excess(self.best_gn, self.best_fn) <= 0
         ordered = torch.where(frozen, gn.gather(0, stop[None]), gn).nan_to_num(nan=math.inf)
         best_step = torch.where(conv.any(dim=0), stop, ordered.argmin(dim=0))
-        return SolverResult(z=_unflatten(self.best_z, self.spec), nstep=self.nstep,
-                            residual=test.residual(self.best_gn, self.best_fn), converged=converged, trace=trace,
-                            best_step=best_step, n_iter=gn.shape[0], solver=self.algo.name,
-                            stop_mode=test.stop_mode, tol=test.tol, atol=test.atol)
+        return SolverResult(z=_unflatten(best_z, self.spec), nstep=nstep, residual=test.residual(best_gn, best_fn),
+                            converged=test.excess(best_gn, best_fn) <= 0, trace=trace, best_step=best_step,
+                            n_iter=gn.shape[0], solver=self.algo.name, stop_mode=test.stop_mode, tol=test.tol,
+                            atol=test.atol, rows=self.rows_processed)
 
 
 def _empty_result(z0: State, spec: _Spec, test: _StopTest, algo: Solver) -> SolverResult:
@@ -559,13 +707,37 @@ def _empty_result(z0: State, spec: _Spec, test: _StopTest, algo: Solver) -> Solv
     res = torch.zeros(0, dtype=spec.work_dtype, device=device)
     z = tuple(t.clone() for t in z0) if spec.is_tuple else z0.clone()
     return SolverResult(z=z, nstep=none, residual=res, converged=res > 0, trace=res.reshape(0, 0), best_step=none,
-                        n_iter=0, solver=algo.name, stop_mode=test.stop_mode, tol=test.tol, atol=test.atol)
+                        n_iter=0, solver=algo.name, stop_mode=test.stop_mode, tol=test.tol, atol=test.atol, rows=0)
+
+
+COMPACT_THRESHOLD = 0.95
+
+
+def _compact_threshold(compact: bool | float) -> float | None:
+    if compact is False:
+        return None
+    if compact is True:
+        return COMPACT_THRESHOLD
+    if isinstance(compact, (int, float)) and not isinstance(compact, bool) and 0 < compact <= 1:
+        return float(compact)
+    raise ValueError(f"compact must be True, False or a threshold in (0, 1], got {compact!r}")
+
+
+def _check_interval(check_every: int | str, device: torch.device) -> int:
+    if check_every == "auto":
+        # A host sync costs next to nothing on the CPU; on an accelerator it
+        # drains the launch queue, and a few unneeded iterations (frozen, not
+        # charged) are cheaper than a stall per iteration.
+        return 1 if device.type == "cpu" else 4
+    if isinstance(check_every, int) and not isinstance(check_every, bool) and check_every >= 1:
+        return check_every
+    raise ValueError(f"check_every must be an integer >= 1 or 'auto', got {check_every!r}")
 
 
 @torch.no_grad()
-def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "anderson",
+def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "anderson",
           tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", atol: float = 0.0,
-          stage: str = "forward") -> SolverResult:
+          compact: bool | float = False, check_every: int | str = 1, stage: str = "forward") -> SolverResult:
     """Find z* = f(z*) for each sample of a batch.
 
     Solves ``z = f(z)`` (equivalently the root of ``g(z) = f(z) - z``) with a
@@ -578,6 +750,7 @@ def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "a
     Args:
         f: maps a state to a state of the same structure, shapes and dtypes.
             Batch dimension first: ``(B, ...)`` or a tuple of ``(B, ...)``.
+            With ``compact``, called as ``f(z, rows)`` (see there).
         z0: initial guess, a tensor or a tuple of tensors, batch first. Each
             part reaches ``f`` contiguous, in its memory format (channels-last
             stays channels-last).
@@ -590,6 +763,24 @@ def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "a
         atol: ``rel`` mode only: the absolute term of the stop test (0: the
             plain relative test). Needed where ``z* = 0``, where the relative
             residual does not tend to 0.
+        compact: active-set mode, for a batch-separable ``f`` (no operation
+            across samples, e.g. no BatchNorm in training mode). Once the share
+            of still-iterating samples in the working set falls to the
+            threshold (``True``: 0.95; a float in ``(0, 1]``: that share; 1
+            compacts whenever a sample stops), the stopped ones are dropped and
+            ``f`` runs on the rest only. ``f`` is then called as
+            ``f(z, rows)``: ``rows`` is ``None`` for the whole batch, else the
+            ``(b,)`` int64 batch indices (ascending) of the ``b`` rows of
+            ``z``; ``f`` must slice whatever per-sample data it closes over
+            with it. Results equal those of the full batch (up to the rounding
+            of batched kernels); ``SolverResult.rows`` counts the rows ``f``
+            processed.
+        check_every: host syncs (the stop and finiteness check) every this many
+            iterations (``"auto"``: 1 on the CPU, 4 on an accelerator). Per-
+            sample results do not depend on it: a sample that stops between two
+            checks is frozen and charged nothing more; only ``n_iter`` (and the
+            rows of a batch that is already done) may grow by up to
+            ``check_every - 1``.
         stage: a name used in error messages (``"forward"``, ``"backward"``).
 
     Returns:
@@ -599,7 +790,8 @@ def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "a
 
     Raises:
         ValueError: ``f`` returned another structure, shape or dtype than ``z0``,
-            unknown solver name or stop mode, invalid ``tol``/``max_iter``/``atol``.
+            unknown solver name or stop mode, invalid ``tol``/``max_iter``/``atol``/
+            ``compact``/``check_every``.
         NonFiniteError: ``f`` returned NaN/inf for a sample still iterating (or
             the solver's iterate overflowed); ``err.result`` holds the best
             finite iterates found before.
@@ -612,20 +804,17 @@ def solve(f: Callable[[State], State], z0: State, *, solver: "Solver | str" = "a
     algo = get_solver(solver)
     _check_budget(tol, max_iter, stop_mode, atol)
     spec = _spec_of(z0)
+    device = (z0[0] if spec.is_tuple else z0).device
     test = _StopTest(stop_mode, tol, float(atol))
+    loop_options = dict(compact=_compact_threshold(compact), check_every=_check_interval(check_every, device))
     if spec.batch == 0:
         return _empty_result(z0, spec, test, algo)
-    device = (z0[0] if spec.is_tuple else z0).device
     amp = _Autocast.capture(device)
-    loop = _Loop(f, spec, test, algo, stage, device, amp)
+    loop = _Loop(f, spec, test, algo, stage, device, amp, **loop_options)
     with amp.outside():
-        it = loop.first(_flatten(z0, spec))
-        keep_going = loop.check(0)
-        state = algo.init(it)
-        for step in range(1, max_iter):
-            if not keep_going:
-                break
-            state, z, fz, g = algo.step(state, it, loop.active, loop.evaluate)
-            it = loop.record(z, fz, g)
-            keep_going = loop.check(step)
+        loop.start(_flatten(z0, spec))
+        while loop.keep_going and loop.n_iter < max_iter:
+            loop.record(*algo.step(loop.state, loop.it, loop.active, loop.evaluate))
+        if loop.improved is not None or loop.n_iter % loop.check_every:
+            loop.check(final=True)  # the last iterate's check, when the interval skipped it
         return loop.result()
