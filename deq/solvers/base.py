@@ -229,6 +229,8 @@ class _Spec:
     perms: tuple[tuple[int, ...] | None, ...]
     is_tuple: bool
     work_dtype: torch.dtype
+    # One (B, D) tensor in the working dtype: flattening is the identity (no op at all).
+    plain: bool = False
 
     @property
     def batch(self) -> int:
@@ -269,12 +271,16 @@ def _spec_of(z: State) -> _Spec:
         if t.dim() == 0 or t.shape[0] != batch:
             raise ValueError("every tensor of z0 needs the same leading batch dimension; got shapes "
                              + ", ".join(str(tuple(p.shape)) for p in parts))
+    work = working_dtype(*(t.dtype for t in parts))
     return _Spec(shapes=tuple(t.shape for t in parts), dtypes=tuple(t.dtype for t in parts),
                  sizes=tuple(math.prod(t.shape[1:]) for t in parts), perms=tuple(_memory_order(t) for t in parts),
-                 is_tuple=isinstance(z, tuple), work_dtype=working_dtype(*(t.dtype for t in parts)))
+                 is_tuple=isinstance(z, tuple), work_dtype=work,
+                 plain=not isinstance(z, tuple) and z.dim() == 2 and z.dtype == work)
 
 
 def _flatten(z: State, spec: _Spec) -> Tensor:
+    if spec.plain and z.dtype == spec.work_dtype:  # under autocast f may return a narrower dtype
+        return z
     parts = z if spec.is_tuple else (z,)
     flat = [(t if perm is None else t.permute(perm)).reshape(t.shape[0], size)
             for t, perm, size in zip(parts, spec.perms, spec.sizes)]
@@ -285,6 +291,8 @@ def _flatten(z: State, spec: _Spec) -> Tensor:
 
 def _unflatten(flat: Tensor, spec: _Spec) -> State:
     """Parts of z0's shapes, dtypes and memory formats; each part contiguous in that format."""
+    if spec.plain:
+        return flat
     pieces = flat.split(list(spec.sizes), dim=1) if len(spec.sizes) > 1 else (flat,)
     parts = []
     for piece, shape, dtype, perm in zip(pieces, spec.shapes_for(flat.shape[0]), spec.dtypes, spec.perms):
@@ -476,28 +484,23 @@ class _Rows:
     threshold; their results are written to full-batch outputs here.
     """
 
-    def __init__(self, batch: int, work_dtype: torch.dtype, dim: int, device: torch.device, fn: bool):
+    def __init__(self, batch: int, work_dtype: torch.dtype, dim: int, device: torch.device):
         self.batch, self.idx = batch, None  # idx: working row -> batch row (None: all, in order)
         self.epochs: list[tuple[int, Tensor | None]] = [(0, None)]  # (first iteration, idx) per working set
         self._out = dict(dtype=work_dtype, device=device)
-        self.dim, self.has_fn = dim, fn
-        self.z = self.gn = self.fn = self.nstep = None  # full-batch outputs, made at the first compaction
+        self.dim = dim
+        self.z = self.nstep = None  # full-batch outputs, made at the first compaction
 
     def batch_rows(self, rows: Tensor) -> Tensor:
         return rows if self.idx is None else self.idx.index_select(0, rows)
 
-    def write(self, rows: Tensor, z: Tensor, gn: Tensor, fn: Tensor | None, nstep: Tensor) -> None:
-        """Store the results of working rows ``rows`` in the full-batch outputs."""
+    def write(self, rows: Tensor, z: Tensor, nstep: Tensor) -> None:
+        """Store the best iterates and counts of working rows ``rows`` in the full-batch outputs."""
         if self.z is None:
             self.z = torch.zeros(self.batch, self.dim, **self._out)
-            self.gn = torch.zeros(self.batch, **self._out)
-            self.fn = torch.zeros(self.batch, **self._out) if self.has_fn else None
             self.nstep = torch.zeros(self.batch, dtype=torch.int64, device=self._out["device"])
         at = self.batch_rows(rows)
         self.z.index_copy_(0, at, z.index_select(0, rows))
-        self.gn.index_copy_(0, at, gn.index_select(0, rows))
-        if fn is not None:
-            self.fn.index_copy_(0, at, fn.index_select(0, rows))
         self.nstep.index_copy_(0, at, nstep.index_select(0, rows))
 
     def trace(self, values: list[Tensor]) -> Tensor:
@@ -533,7 +536,9 @@ class _Loop:
         self.scaled = False
         self.gns: list[Tensor] = []
         self.fns: list[Tensor | None] = []
-        self.rows = _Rows(spec.batch, spec.work_dtype, sum(spec.sizes), device, test.stop_mode == "rel")
+        self.rows = _Rows(spec.batch, spec.work_dtype, sum(spec.sizes), device)
+        self.charges: list[Tensor] = []  # per iteration, summed into nstep when needed (no op per call)
+        self.minus_one = torch.tensor(-1.0, dtype=spec.work_dtype, device=device)
         self.rows_processed = 0
         self.keep_going = True
         self.state: Any = None
@@ -547,7 +552,7 @@ class _Loop:
             state = _unflatten(z, self.spec)
             out = self.f(state, self.rows.idx) if self.compact is not None else self.f(state)
         _check_output(out, self.spec, self.amp.enabled, z.shape[0])
-        self.nstep.add_(charge)
+        self.charges.append(charge)
         self.rows_processed += z.shape[0]
         return _flatten(out, self.spec)
 
@@ -559,7 +564,7 @@ class _Loop:
         fz = self.evaluate(z, torch.ones(self.spec.batch, dtype=torch.bool, device=z.device))
         g = fz - z
         gn, fn = self.test.norms(g, fz, self.scaled)
-        self.best_z, self.best_gn, self.best_fn = z.clone(), gn, fn
+        self.best_z, self.best_gn = z.clone(), gn
         self.excess = self.test.excess(gn, fn)
         self.active = ~(self.excess <= 0)  # True for NaN, until the check raises
         self.improved = None
@@ -577,13 +582,13 @@ class _Loop:
         self.excess = self.test.excess(gn, fn)
         conv = self.excess <= 0
         # The converged iterate wins (the sample stops there); before it, the
-        # smallest ||g|| (strictly: the first of equals; False for NaN).
-        improved = self.active & (conv | (gn < self.best_gn))
+        # smallest ||g|| (strictly: the first of equals; False for NaN). A
+        # stopped sample is re-evaluated at its frozen (best) iterate, so
+        # "improving" it changes nothing: no need to mask it out.
+        improved = conv | (gn < self.best_gn)
         self.best_gn = torch.where(improved, gn, self.best_gn)
-        if fn is not None:
-            self.best_fn = torch.where(improved, fn, self.best_fn)
         self.improved = improved
-        self.active = self.active & ~conv
+        self.active = torch.gt(self.active, conv)  # active and not converged, in one op
         self.gns.append(gn)
         self.fns.append(fn)
         self.it, self.fn, self.seen = Iterate(z, fz, g, gn), fn, seen
@@ -596,14 +601,14 @@ class _Loop:
 
     def check(self, *, final: bool = False) -> None:
         """The host sync: whether any sample goes on; raises on non-finite values; compacts (not when final)."""
-        masked = torch.where(self.active, self.excess, -1.0)
+        masked = torch.where(self.active, self.excess, self.minus_one)
         if self.compact is None:
             worst, n_active = masked.max().item(), None
         else:
             worst, n_active = torch.stack([masked.max(), self.active.sum().to(masked.dtype)]).tolist()
         if not math.isfinite(worst):
             self._non_finite()
-            worst = torch.where(self.active, self.excess, -1.0).max().item()
+            worst = torch.where(self.active, self.excess, self.minus_one).max().item()
         elif self.improved is not None:
             # Every row is finite here, so lerp with weights 0/1 is an exact row
             # select (x + 0*(y-x) = x, y - (y-x)*0 = y), several times cheaper
@@ -619,11 +624,12 @@ class _Loop:
     def _compact(self) -> None:
         """Drop the rows that stopped from every working tensor (they keep their results)."""
         keep, leave = self.active.nonzero().squeeze(1), (~self.active).nonzero().squeeze(1)
-        self.rows.write(leave, self.best_z, self.best_gn, self.best_fn, self.nstep)
+        self._count()
+        self.rows.write(leave, self.best_z, self.nstep)
         self.rows.idx = self.rows.batch_rows(keep)
         self.rows.epochs.append((self.n_iter, self.rows.idx))
         pick = lambda t: None if t is None else t.index_select(0, keep)  # noqa: E731
-        self.best_z, self.best_gn, self.best_fn = pick(self.best_z), pick(self.best_gn), pick(self.best_fn)
+        self.best_z, self.best_gn = pick(self.best_z), pick(self.best_gn)
         self.nstep, self.active, self.excess = pick(self.nstep), pick(self.active), pick(self.excess)
         self.it = Iterate(*(pick(t) for t in self.it))
         self.fn = pick(self.fn)
@@ -658,10 +664,14 @@ class _Loop:
         conv = self.excess <= 0
         improved = self.active & (conv | (gn < self.best_gn) | ~torch.isfinite(self.best_gn))
         self.best_gn = torch.where(improved, gn, self.best_gn)
-        if fn is not None:
-            self.best_fn = torch.where(improved, fn, self.best_fn)
         self.best_z = torch.where(improved[:, None], z, self.best_z)
         self.active = self.active & ~conv
+
+    def _count(self) -> None:
+        """Add the pending per-iteration charges to ``nstep``."""
+        if self.charges:
+            self.nstep += torch.stack(self.charges).sum(dim=0)
+            self.charges = []
 
     def _at(self, t: int, mask: Tensor) -> Tensor:
         """The raw ||g|| of iteration ``t`` for the current working rows in ``mask`` (t within this working set)."""
@@ -677,10 +687,11 @@ class _Loop:
 
     def result(self) -> SolverResult:
         test, rows = self.test, self.rows
-        best_z, best_gn, best_fn, nstep = self.best_z, self.best_gn, self.best_fn, self.nstep
+        self._count()
+        best_z, nstep = self.best_z, self.nstep
         if rows.z is not None:  # compacted: the rows still working join those that left
-            rows.write(torch.arange(best_z.shape[0], device=best_z.device), best_z, best_gn, best_fn, nstep)
-            best_z, best_gn, best_fn, nstep = rows.z, rows.gn, rows.fn, rows.nstep
+            rows.write(torch.arange(best_z.shape[0], device=best_z.device), best_z, nstep)
+            best_z, nstep = rows.z, rows.nstep
         gn = rows.trace(self.gns)
         fn = None if self.fns[0] is None else rows.trace(self.fns)
         # Each sample's raw rows after the iteration it stopped at are
@@ -693,8 +704,12 @@ class _Loop:
         trace = test.residual(gn, fn)
         trace = torch.where(frozen, trace.gather(0, stop[None]), trace)
         ordered = torch.where(frozen, gn.gather(0, stop[None]), gn).nan_to_num(nan=math.inf)
+        # The rule the loop applied: the first iterate that passed, else the first smallest ||g||.
         best_step = torch.where(conv.any(dim=0), stop, ordered.argmin(dim=0))
-        return SolverResult(z=_unflatten(best_z, self.spec), nstep=nstep, residual=test.residual(best_gn, best_fn),
+        at_best = best_step[None]
+        best_gn = gn.gather(0, at_best)[0]
+        best_fn = None if fn is None else fn.gather(0, at_best)[0]
+        return SolverResult(z=_unflatten(best_z, self.spec), nstep=nstep, residual=trace.gather(0, at_best)[0],
                             converged=test.excess(best_gn, best_fn) <= 0, trace=trace, best_step=best_step,
                             n_iter=gn.shape[0], solver=self.algo.name, stop_mode=test.stop_mode, tol=test.tol,
                             atol=test.atol, rows=self.rows_processed)
