@@ -19,7 +19,11 @@ active-set mode (``compact=True``), it reports:
 - ``wall c/f``: the wall time of the compact solve over that of the full one
   (same run, medians);
 - ``syncs``: host syncs per solve (calls of ``item``/``tolist``/``bool``/``int``/
-  ``float``/``nonzero`` on tensors, counted in one extra solve).
+  ``float``/``nonzero`` on tensors, counted in one extra solve);
+- ``ops/it``: tensor operations (ATen ops, views included) the loop and the
+  solver dispatch per iteration outside f, counted with a dispatch mode in
+  one extra solve: the overhead of small problems is mostly this count times
+  the few microseconds one eager op costs, and unlike a time it is exact.
 
 It also prints Broyden's state bytes for ``max_iter`` 30 and 300 (fixed-size
 memory) and checks the targets. CPU, one thread, float32.
@@ -41,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -122,6 +127,28 @@ class SyncCounter:
             setattr(torch.Tensor, name, real)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched outside f (f's own ops are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.in_f = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_f:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def wrap(self, f):
+        def counted(*args):
+            self.in_f += 1
+            try:
+                return f(*args)
+            finally:
+                self.in_f -= 1
+        return counted
+
+
 def run_cell(meta: dict, z0, solver: Solver, tol: float, max_iter: int, compact: bool, repeats: int) -> dict:
     """Timed solves of one (problem, solver, tol, mode): medians, counts and the result's figures."""
     f = TimedF(meta)
@@ -137,12 +164,15 @@ def run_cell(meta: dict, z0, solver: Solver, tol: float, max_iter: int, compact:
     per_call = inside[-1] / f.calls
     with SyncCounter() as syncs:
         solve(f if compact else (lambda z: f(z)), z0, **options)
+    ops = OpCounter()
+    with ops:
+        counted = solve(ops.wrap(f) if compact else ops.wrap(lambda z: f(z)), z0, **options)
     alone = int(result.nstep.sum())
     return dict(nstep_mean=result.nstep.double().mean().item(), nstep_max=int(result.nstep.max()),
                 iters=result.n_iter, rows=result.rows, alone=alone, ratio=result.rows / alone,
                 converged=result.converged.double().mean().item(), res_max=result.residual.double().max().item(),
                 wall_s=statistics.median(walls), walls_s=walls, in_f_s=statistics.median(inside),
-                t_call_s=per_call, syncs=syncs.count,
+                t_call_s=per_call, syncs=syncs.count, ops_per_iter=ops.count / counted.n_iter,
                 overhead=statistics.median((w - t) / w for w, t in zip(walls, inside)))
 
 
@@ -210,14 +240,15 @@ def print_table(rows: list[dict], info: dict) -> None:
     print(f"\n{info['name']}: batch {info['batch']}, D = {info['dim']} per sample{extra}, "
           f"t_f = {info['t_f_s'] * 1e3:.3f} ms per call on the batch, max_iter {info['max_iter']}")
     head = (f"{'solver':<11} {'tol':>6} {'nstep':>7} {'iters':>6} {'alone':>7} {'rows full':>9} {'ratio':>6} "
-            f"{'rows cmp':>8} {'ratio':>6} {'ovh full':>8} {'ovh cmp':>7} {'wall c/f':>8} {'syncs':>5}")
+            f"{'rows cmp':>8} {'ratio':>6} {'ovh full':>8} {'ovh cmp':>7} {'wall c/f':>8} {'syncs':>5} {'ops/it':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         full, comp = r["full"], r["compact"]
         print(f"{r['solver']:<11} {r['tol']:>6.0e} {full['nstep_mean']:>7.1f} {full['iters']:>6d} "
               f"{full['alone']:>7d} {full['rows']:>9d} {full['ratio']:>6.3f} {comp['rows']:>8d} {comp['ratio']:>6.3f} "
-              f"{full['overhead']:>8.2f} {comp['overhead']:>7.2f} {r['wall_ratio']:>8.2f} {full['syncs']:>5d}")
+              f"{full['overhead']:>8.2f} {comp['overhead']:>7.2f} {r['wall_ratio']:>8.2f} {full['syncs']:>5d} "
+              f"{full['ops_per_iter']:>6.1f}")
 
 
 def check_targets(all_rows: list[dict], infos: list[dict]) -> list[dict]:
