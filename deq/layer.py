@@ -189,6 +189,12 @@ class DEQLayer(nn.Module):
             runs on the whole batch.
         check_every: host syncs of the forward solve every this many
             iterations, or ``"auto"`` (see :func:`deq.solve`).
+        time_dim: causal mode: the time axis of the state, for an ``f`` whose
+            output at position ``t`` depends on positions ``<= t`` only (a
+            language model). The forward solve then keeps that property
+            exactly, at any iteration count and tolerance (see
+            :func:`deq.solve`): an output never depends on later tokens.
+            ``None``: the plain per-sample solve.
         on_nonconvergence: ``"warn"`` (once per layer, with the residual),
             ``"ignore"`` or ``"raise"`` (:class:`ConvergenceError`); applies to
             the forward and to Implicit's backward solve.
@@ -215,6 +221,7 @@ class DEQLayer(nn.Module):
                  backward: Backward | str = "implicit", tol: float = 1e-4, max_iter: int = 30,
                  eval_tol: float | None = None, eval_max_iter: int | None = None, stop_mode: str = "rel",
                  atol: float = 0.0, compact: bool | float = False, check_every: int | str = 1,
+                 time_dim: int | None = None,
                  on_nonconvergence: str = "warn", unroll_steps: int | None = None, fix_rng: bool = True):
         super().__init__()
         if not callable(f):
@@ -232,6 +239,9 @@ class DEQLayer(nn.Module):
         _compact_threshold(compact)
         _check_interval(check_every, torch.device("cpu"))
         self.compact, self.check_every = compact, check_every
+        if compact is not False and time_dim is not None:
+            raise ValueError("compact=... and time_dim=... (causal mode) cannot be combined")
+        self.time_dim = time_dim
         self.on_nonconvergence = on_nonconvergence
         self.unroll_steps = unroll_steps
         self.fix_rng = fix_rng
@@ -308,7 +318,7 @@ class DEQLayer(nn.Module):
         else:
             res = solve(call.on_rows if self.compact else call, z0, solver=self.solver, tol=tol, max_iter=budget,
                         stop_mode=self.stop_mode, atol=self.atol, compact=self.compact,
-                        check_every=self.check_every)
+                        check_every=self.check_every, time_dim=self.time_dim)
             res = res.detach()
             self.last_result = res
             self._apply_policy(res, "forward")

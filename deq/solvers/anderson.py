@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,9 @@ class Anderson(Solver):
     m: int = 5
     lam: float = 1e-4
     beta: float = 1.0
+    # Causal mode (set by ``causal``): the sequence length whose prefixes the
+    # least-squares problems run over; None for one problem per sample.
+    _prefix: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 1:
@@ -63,6 +67,18 @@ class Anderson(Solver):
             raise ValueError(f"lam must be >= 0, got {self.lam!r}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta!r}")
+
+    def causal(self, length: int) -> "Anderson":
+        """Per-position mixing for causal mode: position ``t`` fits its coefficients on positions ``<= t``.
+
+        Row ``t`` of a sample solves ``min ||g_{<=t} - dG_{<=t} gamma_t||^2 + ridge``,
+        whose Gram matrix and right-hand side are prefix sums over positions
+        of the per-position products (one cumulative sum per step), then
+        mixes its own row with ``gamma_t``; the ridge scale and the restart
+        test use the same prefix. At the last position this is the
+        per-sample problem of the non-causal mode.
+        """
+        return dataclasses.replace(self, _prefix=length)
 
     def init(self, it: Iterate) -> "_AndersonState":
         z = it.z
@@ -96,6 +112,8 @@ class Anderson(Solver):
             # One pass over the history for both the new Gram column dG^T dg
             # and the right-hand side dG^T g: O(m D), not O(m^2 D).
             prods = torch.bmm(state.pairs[k % 2], state.dG_t)  # (B, 2, m)
+            if self._prefix is not None:  # causal: sums over the positions <= t of each sample
+                prods = prods.view(-1, self._prefix, 2, self.m).cumsum(dim=1).view(-1, 2, self.m)
             gram_row.copy_(prods[:, 0])
             gram_col.copy_(prods[:, 0])
             gamma = self._gamma(state, k, prods, it.gn.square()[:, None])

@@ -197,6 +197,18 @@ class Solver:
              evaluate: Evaluate) -> tuple[Any, Tensor, Tensor, Tensor]:
         raise NotImplementedError  # abstract
 
+    def causal(self, length: int) -> "Solver":
+        """This solver for causal mode, or ``TypeError`` if it has none.
+
+        In causal mode (``solve(..., time_dim=...)``) the flat state has one
+        row per (sample, position), each sample's ``length`` rows consecutive
+        and in time order, and ``it.gn`` holds each row's prefix norm
+        ``||g_{<= t}||``. Row ``t`` of the new iterate may depend on rows
+        ``<= t`` of its own sample only. A solver whose algebra is row by row
+        returns itself.
+        """
+        raise TypeError(f"solver {self.name or type(self).__name__!r} has no causal mode (time_dim=...)")
+
 
 _SOLVERS: Registry[Solver] = Registry("solver", Solver, plural="solvers")
 register = _SOLVERS.register
@@ -231,10 +243,18 @@ class _Spec:
     work_dtype: torch.dtype
     # One (B, D) tensor in the working dtype: flattening is the identity (no op at all).
     plain: bool = False
+    # Causal mode: the time dim of every part and its length L. The flat state
+    # is then (B L, C): one row per (sample, position), sizes are per position.
+    time_dim: int | None = None
+    length: int = 1
 
     @property
     def batch(self) -> int:
         return self.shapes[0][0]
+
+    def samples(self, rows: int) -> int:
+        """Samples in a flat state of ``rows`` rows."""
+        return rows // self.length
 
     def shapes_for(self, rows: int) -> tuple[torch.Size, ...]:
         """The part shapes for ``rows`` samples (the working set of an active-set solve)."""
@@ -262,7 +282,7 @@ def _memory_order(t: Tensor) -> tuple[int, ...] | None:
     return perm if t.is_contiguous(memory_format=fmt) else None
 
 
-def _spec_of(z: State) -> _Spec:
+def _spec_of(z: State, time_dim: int | None = None) -> _Spec:
     parts = z if isinstance(z, tuple) else (z,)
     if len(parts) == 0 or not all(isinstance(t, Tensor) for t in parts):
         raise TypeError("z0 must be a tensor or a non-empty tuple of tensors")
@@ -272,16 +292,40 @@ def _spec_of(z: State) -> _Spec:
             raise ValueError("every tensor of z0 needs the same leading batch dimension; got shapes "
                              + ", ".join(str(tuple(p.shape)) for p in parts))
     work = working_dtype(*(t.dtype for t in parts))
+    if time_dim is not None:
+        return _causal_spec(parts, time_dim, work, isinstance(z, tuple))
     return _Spec(shapes=tuple(t.shape for t in parts), dtypes=tuple(t.dtype for t in parts),
                  sizes=tuple(math.prod(t.shape[1:]) for t in parts), perms=tuple(_memory_order(t) for t in parts),
                  is_tuple=isinstance(z, tuple), work_dtype=work,
                  plain=not isinstance(z, tuple) and z.dim() == 2 and z.dtype == work)
 
 
+def _causal_spec(parts: tuple[Tensor, ...], time_dim: int, work: torch.dtype, is_tuple: bool) -> _Spec:
+    if not isinstance(time_dim, int) or isinstance(time_dim, bool):
+        raise ValueError(f"time_dim must be an integer (the time axis of the state), got {time_dim!r}")
+    dims = [time_dim % t.dim() if -t.dim() <= time_dim < t.dim() else None for t in parts]
+    if any(d is None or d == 0 for d in dims):
+        raise ValueError(f"time_dim={time_dim} is not a time axis of z0 (shapes "
+                         f"{_describe([t.shape for t in parts])}): it must name a dim after the batch dim")
+    lengths = {t.shape[d] for t, d in zip(parts, dims)}
+    if len(lengths) != 1 or len(set(dims)) != 1:
+        raise ValueError(f"every part of z0 needs the same time axis and length along time_dim={time_dim}; "
+                         f"got shapes {_describe([t.shape for t in parts])}")
+    length = lengths.pop()
+    return _Spec(shapes=tuple(t.shape for t in parts), dtypes=tuple(t.dtype for t in parts),
+                 sizes=tuple(math.prod(t.shape[1:]) // max(length, 1) for t in parts),
+                 perms=(None,) * len(parts), is_tuple=is_tuple, work_dtype=work, time_dim=dims[0], length=length)
+
+
 def _flatten(z: State, spec: _Spec) -> Tensor:
     if spec.plain and z.dtype == spec.work_dtype:  # under autocast f may return a narrower dtype
         return z
     parts = z if spec.is_tuple else (z,)
+    if spec.time_dim is not None:
+        # (B, ..., L, ...) -> (B, L, ...) -> (B L, C): a view where time is already dim 1.
+        flat = [t.movedim(spec.time_dim, 1).reshape(-1, size) for t, size in zip(parts, spec.sizes)]
+        flat = [t if t.dtype == spec.work_dtype else t.to(spec.work_dtype) for t in flat]
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
     flat = [(t if perm is None else t.permute(perm)).reshape(t.shape[0], size)
             for t, perm, size in zip(parts, spec.perms, spec.sizes)]
     # ``.to`` only where the dtype differs: on small problems every dispatch counts.
@@ -294,6 +338,8 @@ def _unflatten(flat: Tensor, spec: _Spec) -> State:
     if spec.plain:
         return flat
     pieces = flat.split(list(spec.sizes), dim=1) if len(spec.sizes) > 1 else (flat,)
+    if spec.time_dim is not None:
+        return _unflatten_causal(pieces, spec)
     parts = []
     for piece, shape, dtype, perm in zip(pieces, spec.shapes_for(flat.shape[0]), spec.dtypes, spec.perms):
         part = piece.reshape([shape[d] for d in perm] if perm is not None else shape)
@@ -304,6 +350,16 @@ def _unflatten(flat: Tensor, spec: _Spec) -> State:
             part = part.contiguous()
         if perm is not None:
             part = part.permute([perm.index(d) for d in range(len(perm))])
+        parts.append(part)
+    return tuple(parts) if spec.is_tuple else parts[0]
+
+
+def _unflatten_causal(pieces: Sequence[Tensor], spec: _Spec) -> State:
+    samples, parts = spec.samples(pieces[0].shape[0]), []
+    for piece, shape, dtype in zip(pieces, spec.shapes_for(spec.samples(pieces[0].shape[0])), spec.dtypes):
+        rest = [n for d, n in enumerate(shape) if d not in (0, spec.time_dim)]
+        part = piece.reshape(samples, spec.length, *rest).movedim(1, spec.time_dim)
+        part = part.to(dtype, memory_format=torch.contiguous_format) if part.dtype != dtype else part.contiguous()
         parts.append(part)
     return tuple(parts) if spec.is_tuple else parts[0]
 
@@ -551,7 +607,7 @@ class _Loop:
         with self.amp.inside():
             state = _unflatten(z, self.spec)
             out = self.f(state, self.rows.idx) if self.compact is not None else self.f(state)
-        _check_output(out, self.spec, self.amp.enabled, z.shape[0])
+        _check_output(out, self.spec, self.amp.enabled, self.spec.samples(z.shape[0]))
         self.charges.append(charge)
         self.rows_processed += z.shape[0]
         return _flatten(out, self.spec)
@@ -561,7 +617,7 @@ class _Loop:
 
     def start(self, z: Tensor) -> None:
         """Evaluate ``f(z0)``, start the best iterate and the active set, check, init the solver."""
-        fz = self.evaluate(z, torch.ones(self.spec.batch, dtype=torch.bool, device=z.device))
+        fz = self.evaluate(z, torch.ones(z.shape[0], dtype=torch.bool, device=z.device))
         g = fz - z
         gn, fn = self.test.norms(g, fz, self.scaled)
         self.best_z, self.best_gn = z.clone(), gn
@@ -715,6 +771,93 @@ class _Loop:
                             atol=test.atol, rows=self.rows_processed)
 
 
+class _CausalLoop(_Loop):
+    """Causal mode: one row per (sample, position); the stop test runs on prefixes of positions.
+
+    Per row ``t`` the test is taken on the prefix norms ``||g_{<= t}||`` and
+    ``||f(z)_{<= t}||`` (positions ``<= t`` of its sample), so the prefix of the
+    whole sequence is the sample's usual test. Position ``t`` is frozen once
+    every prefix ``<= t'``, ``t' <= t``, has passed: the frozen positions of a
+    sample are a prefix that only grows, and with a causal ``f`` they no
+    longer change. The returned iterate is the last one (its frozen positions
+    hold the values at which they passed): a best iterate chosen per
+    position would mix iterates whose residual was never evaluated, and one
+    chosen per sample would let later positions decide for earlier ones.
+    Every decision at position ``t`` uses rows ``<= t`` only.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.length = self.spec.length
+        self.nstep = torch.zeros(self.spec.batch * self.length, dtype=torch.int64, device=self.nstep.device)
+
+    def _prefix(self, norms: Tensor | None) -> Tensor | None:
+        """Per-row norms -> per-row prefix norms within each sample (sums of squares in float64)."""
+        if norms is None:
+            return None
+        sq = norms.double().square().view(-1, self.length).cumsum(dim=1)
+        return sq.sqrt_().view(-1).to(norms.dtype)
+
+    def _measure(self, g: Tensor, fz: Tensor) -> Tensor:
+        gn, fn = self.test.norms(g, fz, self.scaled)
+        gp, fp = self._prefix(gn), self._prefix(fn)
+        self.excess = self.test.excess(gp, fp)
+        done = (self.excess <= 0).view(-1, self.length).to(torch.uint8).cummin(dim=1).values.view(-1)
+        self.active = torch.gt(self.active, done.bool())
+        last = slice(self.length - 1, None, self.length)  # each sample's whole-sequence prefix
+        self.gns.append(gp[last])
+        self.fns.append(None if fp is None else fp[last])
+        return gp
+
+    def start(self, z: Tensor) -> None:
+        fz = self.evaluate(z, torch.ones(z.shape[0], dtype=torch.bool, device=z.device))
+        g = fz - z
+        self.active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        self.improved = None
+        self.it = Iterate(z, fz, g, self._measure(g, fz))
+        self.check()
+        self.state = self.algo.init(self.it)
+
+    def record(self, state: Any, z: Tensor, fz: Tensor, g: Tensor) -> None:
+        self.state = state
+        self.seen = self._seen(z)
+        self.it = Iterate(z, fz, g, self._measure(fz - self.seen if self.narrow else g, fz))
+        if self.n_iter % self.check_every == 0:
+            self.check()
+
+    def _non_finite(self) -> None:
+        z, fz, g = self.seen if self.n_iter > 1 else self.it.z, self.it.fz, self.it.g
+        bad = self.active & ~(torch.isfinite(g).all(dim=1) & torch.isfinite(fz).all(dim=1))
+        if bool(bad.any()):
+            samples = bad.view(-1, self.length).any(dim=1)
+            idx, shown = _sample_list(samples)
+            step = next(t for t in range(self.n_iter) if not bool(torch.isfinite(self.gns[t][samples]).all()))
+            raise NonFiniteError(
+                f"{self.stage} solve ({self.algo.name}, causal): f returned non-finite values (NaN or inf), or "
+                f"the iterate did, at step {step} for samples [{shown}] (causal mode keeps no best iterate: "
+                f"this error's .result is None)", stage=self.stage, step=step, samples=idx)
+        self.scaled = True  # finite vectors whose squared entries overflow: rescale, this iteration too
+        self.gns.pop()
+        self.fns.pop()
+        self.it = Iterate(self.it.z, fz, g, self._measure(fz - z if self.narrow else g, fz))
+
+    def result(self) -> SolverResult:
+        test = self.test
+        self._count()
+        per_position = self.nstep.view(-1, self.length)
+        gn = torch.stack(self.gns)
+        fn = None if self.fns[0] is None else torch.stack(self.fns)
+        converged = ~self.active.view(-1, self.length)[:, -1]
+        best_step = torch.where(converged, per_position[:, -1] - 1, gn.shape[0] - 1)
+        trace = test.residual(gn, fn)
+        steps = torch.arange(gn.shape[0], device=gn.device)[:, None]
+        trace = torch.where(steps > best_step, trace.gather(0, best_step[None]), trace)
+        return SolverResult(z=_unflatten(self.it.z.clone(), self.spec), nstep=per_position.amax(dim=1),
+                            residual=trace.gather(0, best_step[None])[0], converged=converged, trace=trace,
+                            best_step=best_step, n_iter=gn.shape[0], solver=self.algo.name,
+                            stop_mode=test.stop_mode, tol=test.tol, atol=test.atol, rows=self.rows_processed)
+
+
 def _empty_result(z0: State, spec: _Spec, test: _StopTest, algo: Solver) -> SolverResult:
     """An empty batch: nothing to solve, ``f`` is not called."""
     device = (z0[0] if spec.is_tuple else z0).device
@@ -752,7 +895,8 @@ def _check_interval(check_every: int | str, device: torch.device) -> int:
 @torch.no_grad()
 def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "anderson",
           tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", atol: float = 0.0,
-          compact: bool | float = False, check_every: int | str = 1, stage: str = "forward") -> SolverResult:
+          compact: bool | float = False, check_every: int | str = 1, time_dim: int | None = None,
+          stage: str = "forward") -> SolverResult:
     """Find z* = f(z*) for each sample of a batch.
 
     Solves ``z = f(z)`` (equivalently the root of ``g(z) = f(z) - z``) with a
@@ -796,6 +940,17 @@ def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "ander
             checks is frozen and charged nothing more; only ``n_iter`` (and the
             rows of a batch that is already done) may grow by up to
             ``check_every - 1``.
+        time_dim: causal mode, for a state with a time axis (the same dim of
+            every part) and an ``f`` whose output at position ``t`` depends on
+            positions ``<= t`` only: the solve keeps that property exactly, at
+            every iteration count and tolerance. Stopping is by prefix
+            (position ``t`` freezes once the positions ``<= t`` pass the test;
+            a sample stops when all its positions have), the solver works per
+            position (Anderson mixes with coefficients fitted on each
+            position's prefix; Broyden keeps one low-rank inverse Jacobian
+            per position; see :class:`_CausalLoop` for the returned iterate).
+            ``nstep``, ``residual``, ``converged`` and ``trace`` are per sample,
+            taken on the whole sequence. Not with ``compact``.
         stage: a name used in error messages (``"forward"``, ``"backward"``).
 
     Returns:
@@ -818,14 +973,18 @@ def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "ander
     """
     algo = get_solver(solver)
     _check_budget(tol, max_iter, stop_mode, atol)
-    spec = _spec_of(z0)
+    spec = _spec_of(z0, time_dim)
     device = (z0[0] if spec.is_tuple else z0).device
+    if time_dim is not None:
+        if compact is not False:
+            raise ValueError("compact=... and time_dim=... (causal mode) cannot be combined")
+        algo = algo.causal(spec.length)
     test = _StopTest(stop_mode, tol, float(atol))
     loop_options = dict(compact=_compact_threshold(compact), check_every=_check_interval(check_every, device))
     if spec.batch == 0:
         return _empty_result(z0, spec, test, algo)
     amp = _Autocast.capture(device)
-    loop = _Loop(f, spec, test, algo, stage, device, amp, **loop_options)
+    loop = (_Loop if time_dim is None else _CausalLoop)(f, spec, test, algo, stage, device, amp, **loop_options)
     with amp.outside():
         loop.start(_flatten(z0, spec))
         while loop.keep_going and loop.n_iter < max_iter:

@@ -87,6 +87,10 @@ class Broyden(Solver):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
 
+    def causal(self, length: int) -> "Broyden":
+        """Row by row: in causal mode each position keeps its own low-rank inverse Jacobian."""
+        return self
+
     def init(self, it: Iterate) -> "_BroydenState":
         z = it.z
         batch, dim = z.shape

@@ -34,6 +34,9 @@ class FixedPoint(Solver):
     def init(self, it: Iterate) -> None:
         return None
 
+    def causal(self, length: int) -> "FixedPoint":
+        return self  # row by row: position t's step uses its own row only
+
     def step(self, state, it, active, evaluate):
         # lerp with a per-sample weight (damping, or 0 for stopped samples) is
         # exact at weights 0 and 1 (the undamped step is f(z) to the bit, as the
