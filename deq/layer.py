@@ -239,14 +239,25 @@ class DEQLayer(nn.Module):
         _compact_threshold(compact)
         _check_interval(check_every, torch.device("cpu"))
         self.compact, self.check_every = compact, check_every
-        if compact is not False and time_dim is not None:
-            raise ValueError("compact=... and time_dim=... (causal mode) cannot be combined")
         self.time_dim = time_dim
         self.on_nonconvergence = on_nonconvergence
         self.unroll_steps = unroll_steps
         self.fix_rng = fix_rng
         self.last_result: SolverResult | None = None
         self._warned = False
+
+    @property
+    def time_dim(self) -> int | None:
+        """``None``, or the time axis of the state for causal mode (see the constructor)."""
+        return self._time_dim
+
+    @time_dim.setter
+    def time_dim(self, dim: int | None) -> None:
+        if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
+            raise ValueError(f"time_dim must be None or an integer (the time axis of the state), got {dim!r}")
+        if dim is not None and self.compact is not False:
+            raise ValueError("compact=... and time_dim=... (causal mode) cannot be combined")
+        self._time_dim = dim
 
     @property
     def unroll_steps(self) -> int | None:
