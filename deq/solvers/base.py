@@ -114,6 +114,18 @@ class SolverResult:
         keys = ("nstep_mean", "nstep_max", "residual_mean", "residual_max", "converged_frac")
         return dict(zip(keys, stats))
 
+    def __repr__(self) -> str:
+        """One line (not the tensors): iterations, nstep, worst residual, converged, and the backward's."""
+        batch = self.residual.numel()
+        head = f"{self.solver}, batch {batch}, n_iter {self.n_iter}"
+        if batch:
+            s = self.summary()
+            head += (f", nstep mean {s['nstep_mean']:.3g} max {int(s['nstep_max'])}, max residual "
+                     f"{s['residual_max']:.3g} (tol {self.tol:g}, {self.stop_mode}), converged "
+                     f"{int(self.converged.sum())}/{batch}")
+        tail = "" if self.backward is None else f", backward={self.backward!r}"
+        return f"SolverResult({head}{tail})"
+
 
 class Solver:
     """Base class of the root-finders: ``init`` and ``step`` on flat states.
