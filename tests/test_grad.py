@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 from torch.autograd.functional import jacobian
+from torch.utils.checkpoint import checkpoint
 
 from deq import (JFB, NPG, UPG, Anderson, ConvergenceError, DEQLayer, FixedPoint, Implicit, NonFiniteError,
                  get_backward)
@@ -705,6 +706,18 @@ def test_a_parameter_captured_by_a_closure_is_found():
     assert z.requires_grad
     (gA,) = _grads(z.sum(), (A,))
     assert gA.abs().sum() > 0
+
+
+def test_parameters_inside_a_checkpointed_f_are_found():
+    """Non-reentrant checkpoint keeps an ordinary graph (recomputed on use): its parameters are reached."""
+    cell = TanhCell()
+    x = _x(3, 5)
+    grads = []
+    for f in (cell, lambda z, x: checkpoint(cell, z, x, use_reentrant=False)):
+        z = DEQLayer(f, backward=Implicit(**TIGHT), **TIGHT)(x)
+        assert z.requires_grad
+        grads.append(_grads(z.pow(2).sum(), tuple(cell.parameters())))
+    _close(*grads, tol=1e-14)
 
 
 @pytest.mark.parametrize("backward", [Implicit(**TIGHT), NPG(k=3)], ids=["implicit", "npg"])

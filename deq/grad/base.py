@@ -113,7 +113,11 @@ def _needs_grad_beyond(outputs: tuple[Tensor, ...], leaves: tuple[Tensor, ...]) 
     A depth-first walk that stops at the first such tensor (a parameter is
     usually a few nodes away); the whole graph is walked only when the answer
     is no. A tensor that needs a gradient is a leaf (``AccumulateGrad``) or is
-    computed from one, so looking at leaves is enough.
+    computed from one, so looking at leaves is enough: an ``autograd.Function``
+    sends gradients to its inputs only, which are its graph's next nodes.
+    (Reentrant ``torch.utils.checkpoint`` breaks that rule, and PyTorch refuses
+    it under the ``autograd.grad`` every VJP uses; the non-reentrant one keeps
+    an ordinary graph.)
     """
     own = {id(t) for t in leaves}
     stack, seen = [], set()

@@ -47,8 +47,9 @@ class Implicit(Backward):
     from ``g = 0`` with a registered solver (each iteration one VJP through the
     single graph of ``f`` re-attached at the returned ``z*``), then pushes ``g``
     through that same graph for the gradients of ``theta`` and ``x``. Memory:
-    one graph of ``f``; cost: ``backward.n_iter`` VJPs plus one (backward hooks
-    registered inside ``f`` fire on each of them).
+    one graph of ``f``; cost: ``backward.n_iter`` VJPs plus one, plus one more
+    when a sample did not converge (the divergence check below); backward
+    hooks registered inside ``f`` fire on each of them.
 
     A backward solve that did not reach ``tol`` is counted and warned about by
     the layer (``on_nonconvergence``); its best iterate is used. One that
