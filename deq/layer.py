@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from .grad.base import Backward, ConvergenceError, as_tuple, get_backward
 from .reg import jacobian_reg
-from .solvers.base import (SolverResult, State, Solver, _check_budget, _flatten, _spec_of, get_solver,
-                           residual, solve)
+from .solvers.base import (SolverResult, State, Solver, _check_budget, _check_interval, _compact_threshold, _flatten, _spec_of,
+                           get_solver, residual, solve)
 
 __all__ = ["ConvergenceError", "Counts", "DEQLayer", "SolveCounts"]
 
@@ -92,16 +92,90 @@ class _RngReplay:
             torch.cuda.set_rng_state(self.dev_state, self.device)
 
 
+def _rng_states(device: torch.device) -> tuple[Tensor, ...]:
+    cpu = torch.get_rng_state()
+    return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu,)
+
+
+def select_rows(x: Any, rows: Tensor) -> Any:
+    """The rows ``rows`` of a layer input ``x``, for the active set (``DEQLayer(compact=...)``).
+
+    A tensor is indexed along dim 0; tuples (named ones too), lists and dicts
+    element by element; an object with a ``select_rows(rows)`` method (e.g.
+    :class:`deq.models.transformer.TransformerInput`, which holds a
+    positional embedding shared by the batch) answers for itself; ``None``,
+    numbers and strings are passed through.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if isinstance(x, Tensor):
+        return x.index_select(0, rows)
+    if hasattr(x, "select_rows"):
+        return x.select_rows(rows)
+    if isinstance(x, tuple):
+        parts = [select_rows(v, rows) for v in x]
+        return type(x)(*parts) if hasattr(x, "_fields") else tuple(parts)
+    if isinstance(x, list):
+        return [select_rows(v, rows) for v in x]
+    if isinstance(x, dict):
+        return {k: select_rows(v, rows) for k, v in x.items()}
+    if x is None or isinstance(x, (int, float, bool, str)):
+        return x
+    raise TypeError(f"compact=True slices x by rows, but x holds a {type(x).__name__}; give it a "
+                    "select_rows(rows) method")
+
+
+def _check_batch_first(x: Any, batch: int, where: str = "x") -> None:
+    """Every tensor select_rows would index must have the batch dimension first."""
+    if isinstance(x, Tensor):
+        if x.dim() == 0 or x.shape[0] != batch:
+            raise ValueError(f"compact=True slices {where} along dim 0, but it has shape {tuple(x.shape)} for a "
+                             f"batch of {batch}; every tensor in x must be batch-first (or give x a "
+                             "select_rows(rows) method)")
+    elif hasattr(x, "select_rows"):
+        return
+    elif isinstance(x, (tuple, list)):
+        for i, v in enumerate(x):
+            _check_batch_first(v, batch, f"{where}[{i}]")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _check_batch_first(v, batch, f"{where}[{k!r}]")
+
+
 class _Call:
-    """``f`` bound to ``x`` (and the RNG replay), in the form ``solve`` takes."""
+    """``f`` bound to ``x`` (and the RNG replay), in the forms ``solve`` and the backward passes take."""
 
     def __init__(self, f: Callable, x: Any, replay: _RngReplay | None):
         self.f, self.x, self.replay = f, x, replay
+        self._rows: tuple[Tensor, Any] | None = None
+        self._checked_rng = False
 
     def __call__(self, z: State, x: Any = None) -> State:
         if self.replay is not None:
             self.replay()
         return self.f(z, self.x if x is None else x)
+
+    def on_rows(self, z: State, rows: Tensor | None) -> State:
+        """``f(z, x[rows])``: the active-set form of :func:`deq.solve` (``rows`` None: every row)."""
+        if rows is None:
+            if self._checked_rng:
+                return self(z)
+            # The first call (the whole batch): f must not draw random numbers, for
+            # a replayed draw on fewer rows would give its rows other masks.
+            before = _rng_states(as_tuple(z)[0].device)
+            out = self(z)
+            self._checked_rng = True
+            after = _rng_states(as_tuple(z)[0].device)
+            if not all(torch.equal(a, b) for a, b in zip(before, after)):
+                raise ValueError("DEQLayer(compact=True) needs an f that draws no random numbers: the rows it "
+                                 "evaluates shrink, so a replayed draw (e.g. nn.Dropout) would give them other "
+                                 "masks. Draw the masks once per call outside f and pass them in x (sliced with "
+                                 "the rows), or use compact=False")
+            return out
+        if self._rows is None or self._rows[0] is not rows:
+            self._rows = (rows, select_rows(self.x, rows))  # once per working set, not per call
+        return self(z, self._rows[1])
 
 
 class DEQLayer(nn.Module):
@@ -181,6 +255,17 @@ class DEQLayer(nn.Module):
         eval_tol: tolerance in eval mode (default ``tol``).
         eval_max_iter: budget in eval mode (default ``max_iter``).
         stop_mode: ``"rel"`` or ``"abs"`` (see :mod:`deq.solvers.base`).
+        atol: ``rel`` mode only: the absolute term of the stop test
+            ``||f(z) - z|| <= atol + tol ||f(z)||`` (default 0, the plain
+            relative test), in training and evaluation.
+        compact: the forward solve's active-set mode (see :func:`deq.solve`):
+            ``f`` runs only on the samples still iterating, with ``x`` sliced
+            alongside by :func:`select_rows`. For a batch-separable ``f`` that
+            draws no random numbers (masks travel in ``x``; a random draw
+            inside ``f`` is detected and refused). The backward solve always
+            runs on the whole batch.
+        check_every: host syncs of the forward solve every this many
+            iterations, or ``"auto"`` (see :func:`deq.solve`).
         on_nonconvergence: for a solve that did not reach its tolerance (the
             forward, and Implicit's backward solve): ``"warn"`` (default), a
             ``RuntimeWarning`` with the samples, the residual and the counts so
@@ -227,6 +312,7 @@ class DEQLayer(nn.Module):
     def __init__(self, f: Callable[[State, Any], State], *, solver: Solver | str = "anderson",
                  backward: Backward | str = "implicit", tol: float = 1e-4, max_iter: int = 30,
                  eval_tol: float | None = None, eval_max_iter: int | None = None, stop_mode: str = "rel",
+                 atol: float = 0.0, compact: bool | float = False, check_every: int | str = 1,
                  on_nonconvergence: str = "warn", unroll_steps: int | None = None, fix_rng: bool = True):
         super().__init__()
         if not callable(f):
@@ -236,11 +322,14 @@ class DEQLayer(nn.Module):
         self.backward = get_backward(backward)
         self.eval_tol = tol if eval_tol is None else eval_tol
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
-        _check_budget(tol, max_iter, stop_mode)
-        _check_budget(self.eval_tol, self.eval_max_iter, stop_mode)
+        _check_budget(tol, max_iter, stop_mode, atol)
+        _check_budget(self.eval_tol, self.eval_max_iter, stop_mode, atol)
         if on_nonconvergence not in POLICIES:
             raise ValueError(f"unknown on_nonconvergence {on_nonconvergence!r}; known: {', '.join(POLICIES)}")
-        self.tol, self.max_iter, self.stop_mode = tol, max_iter, stop_mode
+        self.tol, self.max_iter, self.stop_mode, self.atol = tol, max_iter, stop_mode, float(atol)
+        _compact_threshold(compact)
+        _check_interval(check_every, torch.device("cpu"))
+        self.compact, self.check_every = compact, check_every
         self.on_nonconvergence = on_nonconvergence
         self.unroll_steps = unroll_steps
         self.fix_rng = fix_rng
@@ -265,6 +354,7 @@ class DEQLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"solver={self.solver}, backward={self.backward}, tol={self.tol}, max_iter={self.max_iter}, "
                 f"eval_tol={self.eval_tol}, eval_max_iter={self.eval_max_iter}, stop_mode={self.stop_mode!r}, "
+                f"atol={self.atol}, "
                 f"unroll_steps={self.unroll_steps}")
 
     def forward(self, x: Any, z0: State | None = None, *, max_iter: int | None = None,
@@ -316,13 +406,17 @@ class DEQLayer(nn.Module):
         replay = _RngReplay(device) if self.fix_rng else None
         call = _Call(self.f, x, replay)
         tol, budget = (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
+        if self.compact and self.unroll_steps is None:
+            _check_batch_first(x, as_tuple(z0)[0].shape[0])
         if max_iter is not None:
             _check_budget(tol, max_iter, self.stop_mode)
             budget = max_iter
         if self.unroll_steps is not None:
             z = self._unrolled(call, z0, tol)
         else:
-            res = solve(call, z0, solver=self.solver, tol=tol, max_iter=budget, stop_mode=self.stop_mode)
+            res = solve(call.on_rows if self.compact else call, z0, solver=self.solver, tol=tol, max_iter=budget,
+                        stop_mode=self.stop_mode, atol=self.atol, compact=self.compact,
+                        check_every=self.check_every)
             res = res.detach()
             self.last_result = res
             self._apply_policy(res, "forward")
@@ -355,7 +449,7 @@ class DEQLayer(nn.Module):
             z=detached, nstep=torch.full((batch,), steps, dtype=torch.int64, device=final.device),
             residual=final, converged=final <= tol, trace=trace,
             best_step=torch.full((batch,), steps - 1, dtype=torch.int64, device=final.device),
-            n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=tol)
+            n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=tol, atol=self.atol)
         return z
 
     def _reporter(self, fwd: SolverResult) -> Callable[[SolverResult, Tensor | None], None]:

@@ -766,14 +766,10 @@ class _Float32Cell(nn.Module):
 
 
 def test_bf16_autocast_backward_converges_at_the_default_tol_and_matches_float64():
-    """With tol 1e-6 the bf16 adjoint stalls near 1e-4 and hits its cap: a warning although the gradient is fine.
-
-    The forward uses FixedPoint (Anderson's forward did not run under CPU bf16
-    autocast when this was written); the backward is the default Implicit().
-    """
+    """With tol 1e-6 the bf16 adjoint stalls near 1e-4 and hits its cap: a warning although the gradient is fine."""
     cell = _Float32Cell()
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
-    layer = DEQLayer(cell, solver=FixedPoint(), backward=Implicit(), tol=1e-2, max_iter=100)
+    layer = DEQLayer(cell, backward=Implicit(), tol=1e-2, max_iter=100)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -531,6 +531,93 @@ def test_jacobian_reg_argument_is_checked():
     assert isinstance(layer(_x(), jac_reg=0), torch.Tensor)
 
 
+@pytest.mark.parametrize("backward", ["implicit", "npg", "upg", "jfb"])
+def test_empty_batch_gives_empty_output_and_zero_gradients(backward):
+    cell = TanhCell()
+    layer = DEQLayer(cell, backward=backward, tol=1e-8)
+    x = torch.zeros(0, 5, dtype=DT, requires_grad=True)
+    z = layer(x)
+    assert z.shape == (0, 5) and layer.last_result.n_iter == 0
+    z.sum().backward()
+    assert x.grad.shape == (0, 5) and all(p.grad is None or p.grad.abs().sum() == 0 for p in cell.parameters())
+
+
+def test_atol_reaches_the_solve_in_both_modes():
+    layer = DEQLayer(lambda z, x: 0.5 * z + x, solver=FixedPoint(), tol=1e-12, atol=1e-3, max_iter=200,
+                     eval_max_iter=200)
+    x = torch.full((2, 3), 1e-6, dtype=DT)  # z* = 2e-6: tiny, so ||g|| <= atol from the start
+    layer(x)
+    assert layer.last_result.atol == 1e-3 and layer.last_result.n_iter == 1
+    layer.eval()
+    layer(x)
+    assert layer.last_result.n_iter == 1
+    with pytest.raises(ValueError, match="atol"):
+        DEQLayer(lambda z, x: z, atol=-1.0)
+
+
+# ---------------------------------------------------------------------------
+# Active set: compact=...
+
+
+class RowCell(nn.Module):
+    """f(z, (x, scale)) = tanh(z W^T + x U^T) * scale: per-sample data in a tuple x."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = TanhCell(rho=0.9)
+
+    def forward(self, z, x):
+        inp, scale = x
+        return self.cell(z, inp) * scale
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg", "upg"])
+def test_compact_layer_equals_the_full_batch_forward_and_gradients(backward):
+    cell = RowCell()
+    x = _x(batch=6, requires_grad=True)
+    scale = torch.linspace(0.2, 1.0, 6, dtype=DT)[:, None]  # samples converge at different speeds
+    results = []
+    for compact in (False, 1.0):
+        layer = DEQLayer(cell, solver="anderson", backward=backward, tol=1e-10, max_iter=100, compact=compact)
+        z = layer((x, scale), torch.zeros(6, 5, dtype=DT))
+        grads = _params_and_x_grads((z * torch.arange(5, dtype=DT)).sum(), cell, x)
+        results.append((z.detach(), grads, layer.last_result))
+    (z_full, g_full, r_full), (z_c, g_c, r_c) = results
+    torch.testing.assert_close(z_c, z_full, rtol=0, atol=1e-12)
+    _assert_all_close(g_c, g_full, tol=1e-9)
+    assert torch.equal(r_c.nstep, r_full.nstep)
+    assert r_c.rows == int(r_c.nstep.sum()) < r_full.rows
+
+
+def test_compact_refuses_an_f_that_draws_random_numbers():
+    layer = DEQLayer(DropCell(p=0.3), tol=1e-8, max_iter=50, compact=True)
+    with pytest.raises(ValueError, match="random numbers"):
+        layer(_x())
+    layer.eval()  # no dropout: allowed
+    layer(_x())
+
+
+def test_compact_checks_that_x_is_batch_first():
+    layer = DEQLayer(lambda z, x: torch.tanh(z + x[0] + x[1]), tol=1e-8, compact=True)
+    with pytest.raises(ValueError, match=r"x\[1\].*shape \(5,\)"):
+        layer((torch.zeros(3, 5), torch.zeros(5)), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="compact"):
+        DEQLayer(lambda z, x: z, compact=2.0)
+    with pytest.raises(ValueError, match="check_every"):
+        DEQLayer(lambda z, x: z, check_every=0)
+
+
+def test_check_every_reaches_the_solve():
+    layer = DEQLayer(TanhCell(rho=0.9), solver="anderson", tol=1e-10, max_iter=100)
+    x = _x()
+    layer(x)
+    one = layer.last_result
+    layer.check_every = 5
+    layer(x)
+    assert torch.equal(layer.last_result.nstep, one.nstep) and layer.last_result.n_iter >= one.n_iter
+    assert layer.last_result.n_iter % 5 == 0 or layer.last_result.n_iter == 100
+
+
 # ---------------------------------------------------------------------------
 # torch.func, last_result, its repr
 
@@ -577,13 +664,18 @@ def test_repr_of_last_result_is_one_short_line():
     assert "\n" not in text and len(text) < 200
     assert text.startswith(f"SolverResult(fixed_point, batch 256, n_iter {res.n_iter}, nstep mean "
                            f"{summary['nstep_mean']:.3g} max {int(summary['nstep_max'])}, max residual "
-                           f"{summary['residual_max']:.3g} (tol 1e-06, rel), converged 256/256")
+                           f"{summary['residual_max']:.3g} (tol 1e-06, rel), converged 256/256, rows {res.rows}")
     z.sum().backward()
     text = repr(res)
     assert "\n" not in text and len(text) < 400
-    assert ", backward=SolverResult(anderson, batch 256, " in text and text.endswith("converged 256/256))")
+    assert ", backward=SolverResult(anderson, batch 256, " in text
+    assert text.endswith(f"converged 256/256, rows {res.backward.rows}))")
     empty = SolverResult(z=torch.zeros(0, 3), nstep=torch.zeros(0, dtype=torch.int64), residual=torch.zeros(0),
                          converged=torch.zeros(0, dtype=torch.bool), trace=torch.zeros(1, 0),
                          best_step=torch.zeros(0, dtype=torch.int64), n_iter=1, solver="anderson", stop_mode="rel",
                          tol=1e-4)
     assert repr(empty) == "SolverResult(anderson, batch 0, n_iter 1)"
+    layer = DEQLayer(lambda z, x: torch.tanh(0.5 * z + x), tol=1e-6, atol=1e-9, compact=True)
+    layer(x)
+    text = repr(layer.last_result)
+    assert "(tol 1e-06, atol 1e-09, rel)" in text and text.endswith(f", rows {layer.last_result.rows})")

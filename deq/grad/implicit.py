@@ -77,6 +77,8 @@ class Implicit(Backward):
             casts to a narrower dtype by itself should be given ``tol``.
         max_iter: iteration budget of the adjoint solve (default 50).
         stop_mode: ``"rel"`` (default) or ``"abs"``.
+        atol: ``rel`` mode only: the absolute term of the adjoint solve's stop
+            test (see :func:`deq.solve`); default 0.
         on_divergence: what the gradient of a diverged sample becomes:
 
             * ``"zero"`` (default): its adjoint is set to 0, so the sample adds
@@ -107,18 +109,20 @@ class Implicit(Backward):
     tol: float | None = None
     max_iter: int = 50
     stop_mode: str = "rel"
+    atol: float = 0.0
     on_divergence: str = "zero"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "solver", get_solver(self.solver))
-        _check_budget(_TIGHTEST_DEFAULT_TOL if self.tol is None else self.tol, self.max_iter, self.stop_mode)
+        _check_budget(_TIGHTEST_DEFAULT_TOL if self.tol is None else self.tol, self.max_iter, self.stop_mode,
+                      self.atol)
         if self.on_divergence not in DIVERGENCE_POLICIES:
             raise ValueError(f"unknown on_divergence {self.on_divergence!r}; known: {', '.join(DIVERGENCE_POLICIES)}")
 
     def adjoint(self, vjp, v, report, *, dtype=torch.float32):
         tol = default_tol(dtype) if self.tol is None else self.tol
         res = solve(lambda u: vjp(u) + v, torch.zeros_like(v), solver=self.solver, tol=tol,
-                    max_iter=self.max_iter, stop_mode=self.stop_mode, stage="backward")
+                    max_iter=self.max_iter, stop_mode=self.stop_mode, atol=self.atol, stage="backward")
         g = res.z
         diverged = None if bool(res.converged.all()) else _diverged(vjp, v, g, res.converged)
         if report is not None:

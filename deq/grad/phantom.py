@@ -57,7 +57,8 @@ class UPG(Backward):
         with torch.enable_grad():
             for _ in range(self.k):
                 fz = as_tuple(f(z if isinstance(z_star, tuple) else z[0], x))
-                z = fz if self.damping == 1.0 else tuple(a.lerp(b, self.damping) for a, b in zip(z, fz))
+                # b.to(a.dtype): under autocast f may return a narrower dtype than z.
+                z = fz if self.damping == 1.0 else tuple(a.lerp(b.to(a.dtype), self.damping) for a, b in zip(z, fz))
         return z if isinstance(z_star, tuple) else z[0]
 
 
