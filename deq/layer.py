@@ -474,7 +474,7 @@ class DEQLayer(nn.Module):
         if n_bad == 0:
             return
         counts.failed += 1
-        counts.diverged += n_div > 0
+        counts.diverged += int(n_div > 0)
         msg = (f"DEQLayer {stage} solve ({res.solver}) did not converge for {int(n_bad)} of "
                f"{res.residual.numel()} samples in {res.n_iter} iterations: max residual {worst:.3g} > tol "
                f"{res.tol:g} ({res.stop_mode})")

@@ -592,7 +592,7 @@ def test_diverging_backward_gives_no_gradient_and_is_counted_and_warned():
 
 
 def test_only_the_diverged_samples_lose_their_gradient():
-    """a = 0.5 converges; a = 0.95 runs out of iterations but progresses, and keeps its partial sum; a = 1.5 diverges."""
+    """a = 0.5 converges; a = 0.95 runs out of iterations but progresses (it keeps its partial sum); 1.5 diverges."""
     layer, a = _slopes_layer([0.5, 0.95, 1.5])
     x = _x(3, 4, requires_grad=True)
     (w,) = _loss_weights(x)
@@ -623,7 +623,8 @@ def test_on_divergence_raise_names_the_samples():
     layer, _ = _slopes_layer([0.5, 1.5, 1.5], on_divergence="raise")
     layer.on_nonconvergence = "ignore"  # the raise is the backward object's, not the layer's policy
     z = layer(_x(3, 2, requires_grad=True))
-    with pytest.raises(ConvergenceError, match=r"Implicit backward solve \(fixed_point\) diverged for samples \[1, 2\]"):
+    message = r"Implicit backward solve \(fixed_point\) diverged for samples \[1, 2\]"
+    with pytest.raises(ConvergenceError, match=message):
         z.sum().backward()
     assert layer.counts.backward.diverged == 1  # counted before it raised
 
@@ -765,31 +766,42 @@ class _Float32Cell(nn.Module):
         return torch.tanh(z @ self.W.T + x @ self.U.T).to(z.dtype)
 
 
-def test_bf16_autocast_backward_converges_at_the_default_tol_and_matches_float64():
-    """With tol 1e-6 the bf16 adjoint stalls near 1e-4 and hits its cap: a warning although the gradient is fine."""
+def _autocast_grad(layer, x, dtype):
+    with torch.autocast("cpu", dtype=dtype):
+        z = layer(x)
+    assert z.dtype == torch.float32
+    (gW,) = _grads(z.pow(2).sum(), (layer.f.W,))
+    return gW.double()
+
+
+@pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)], ids=["bf16", "fp16"])
+def test_autocast_backward_stops_at_the_dtypes_default_tol_as_accurate_as_at_its_floor(dtype, unit):
+    """At tol 1e-6 the bf16/fp16 adjoint stalls near 1e-4/1e-5, runs to its cap and warns; the gradient is no better.
+
+    Measured here: 6-8 iterations at the default tol against 200, gradient errors
+    against float64 within 18% of those at the floor (bf16 8.5e-3 vs 7.2e-3,
+    fp16 1.0e-3 vs 0.9e-3).
+    """
     cell = _Float32Cell()
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
-    layer = DEQLayer(cell, backward=Implicit(), tol=1e-2, max_iter=100)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            z = layer(x)
-        assert z.dtype == torch.float32
-        (gW,) = _grads(z.pow(2).sum(), (cell.W,))
-    assert not [w for w in caught if "did not converge" in str(w.message)]
-    bwd = layer.last_result.backward
-    assert bwd.tol == 2.0 ** -8 and bool(bwd.converged.all()) and bwd.n_iter < 20
-
     ref_cell = copy.deepcopy(cell).double()
     ref_z = DEQLayer(ref_cell, backward=Implicit(tol=1e-12, max_iter=100), tol=1e-12, max_iter=100)(x.double())
     (ref,) = _grads(ref_z.pow(2).sum(), (ref_cell.W,))
-    assert float((gW.double() - ref).norm() / ref.norm()) < 2e-2  # bf16 carries ~4e-3 of rounding
 
-    layer.backward = Implicit(tol=1e-6)  # the old default: unreachable in bf16
+    layer = DEQLayer(cell, backward=Implicit(), tol=unit, max_iter=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        at_default = _autocast_grad(layer, x, dtype)
+    assert not [w for w in caught if "did not converge" in str(w.message)]
+    bwd = layer.last_result.backward
+    assert bwd.tol == unit and bool(bwd.converged.all()) and bwd.n_iter < 20
+
+    layer.backward = Implicit(tol=1e-6, max_iter=200)  # the old default: unreachable
     with pytest.warns(RuntimeWarning, match="backward solve .* did not converge"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            z = layer(x)
-        z.pow(2).sum().backward()
+        at_floor = _autocast_grad(layer, x, dtype)
+    assert layer.last_result.backward.n_iter == 200
+    err_default, err_floor = (float((g - ref).norm() / ref.norm()) for g in (at_default, at_floor))
+    assert err_default <= 1.3 * err_floor and err_default < 20 * unit
 
 
 def test_default_tol_follows_the_state_dtype_and_an_explicit_tol_wins():
