@@ -2,23 +2,74 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
+import sys
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from .grad.base import Backward, as_tuple, get_backward
+from .grad.base import Backward, ConvergenceError, as_tuple, get_backward
 from .reg import jacobian_reg
 from .solvers.base import (SolverResult, State, Solver, _check_budget, _check_interval, _compact_threshold, _flatten, _spec_of,
                            get_solver, residual, solve)
 
+__all__ = ["ConvergenceError", "Counts", "DEQLayer", "SolveCounts"]
+
 POLICIES = ("ignore", "warn", "raise")
 
 
-class ConvergenceError(RuntimeError):
-    """A solve did not reach its tolerance and the layer's policy is ``"raise"``."""
+@dataclass
+class SolveCounts:
+    """How one stage's solves of a layer went, since it was built or ``reset_counts()``.
+
+    Attributes:
+        calls: solves run (for the backward: Implicit adjoint solves; phantom
+            gradients run none).
+        failed: solves in which at least one sample did not reach its tolerance.
+        diverged: backward solves in which at least one sample diverged and was
+            handled by ``Implicit.on_divergence`` (always 0 for the forward).
+    """
+
+    calls: int = 0
+    failed: int = 0
+    diverged: int = 0
+
+
+@dataclass
+class Counts:
+    """``layer.counts``: the forward and the backward :class:`SolveCounts`."""
+
+    forward: SolveCounts = field(default_factory=SolveCounts)
+    backward: SolveCounts = field(default_factory=SolveCounts)
+
+
+# Frames inside these directories are skipped when a warning names its line:
+# the user's call of the layer (or of backward()) is what it points at.
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the caller: its first frame outside deq and torch.
+
+    The outermost frame when every frame is inside (a backward run on an
+    autograd device thread has no user frame).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _under_functorch_transform() -> bool:
+    level = getattr(torch._C._functorch, "maybe_current_level", None)  # private, hence guarded
+    return level is not None and level() is not None
 
 
 class _RngReplay:
@@ -146,7 +197,11 @@ class DEQLayer(nn.Module):
           ``fix_rng=True`` the RNG state is captured at the start of each call
           and restored before every f-call, so all solver iterations, the
           re-attached call and the backward pass see the same masks; the next
-          call draws new ones. Models that draw masks explicitly per segment
+          call draws new ones. This holds in eval mode too: an ``f`` that keeps
+          dropout on at eval (MC dropout, ``F.dropout(z, p, training=True)``)
+          draws one mask per layer call, not one per iteration (with which no
+          solve converges); a plain ``nn.Dropout`` draws nothing in eval.
+          Models that draw masks explicitly per segment
           (``deq.models.dropout``) may turn it off.
         * per-sample stopping assumes samples do not interact inside ``f``
           (no batch statistics); otherwise set ``tol`` so all stop together.
@@ -167,6 +222,28 @@ class DEQLayer(nn.Module):
           gradient again (``create_graph=True``) raises rather than silently
           treating the adjoint solve as a constant; UPG/JFB and unrolled mode
           are plain autograd.
+        * Backward hooks inside ``f`` (module or tensor hooks) fire on every
+          VJP of the backward: ``last_result.backward.n_iter + 1`` times for
+          Implicit (each adjoint-solve iteration is one VJP, then one pushes
+          the adjoint to ``theta`` and ``x``), ``k`` times for NPG and UPG.
+          Those VJPs are the ``J_f(z*)^T`` the adjoint solve iterates with, so a
+          hook that changes ``grad_input`` (clipping, rescaling) changes the
+          linear system solved, not only the gradient that comes out.
+        * Implicit and NPG return views of the re-attached ``f(z*)`` (one
+          graph of ``f``, no copy): they cannot be modified in place (PyTorch
+          raises "... is a view and is being modified inplace"); use an
+          out-of-place op or ``.clone()`` first. UPG/JFB and unrolled outputs
+          are plain autograd tensors and can be.
+        * When nothing but ``z*`` needs a gradient (``f``'s parameters frozen,
+          an ``x`` that needs none), Implicit and NPG return a tensor that does
+          not require grad, and no backward solve ever runs for it.
+        * ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``,
+          ``jacfwd``, ...) are not supported and raise ``RuntimeError``: the
+          solver decides when to stop on the host (``.item()``) and the
+          backward is an ``autograd.Function`` without functorch rules.
+          ``torch.func.functional_call`` (not a transform) works. A batch is
+          already solved sample by sample (each stops at its own tolerance),
+          so a loop or a batch replaces ``vmap``.
 
     Args:
         f: the equilibrium function, an ``nn.Module`` (registered as ``self.f``,
@@ -195,14 +272,34 @@ class DEQLayer(nn.Module):
             exactly, at any iteration count and tolerance (see
             :func:`deq.solve`): an output never depends on later tokens.
             ``None``: the plain per-sample solve.
-        on_nonconvergence: ``"warn"`` (once per layer, with the residual),
-            ``"ignore"`` or ``"raise"`` (:class:`ConvergenceError`); applies to
-            the forward and to Implicit's backward solve.
+        on_nonconvergence: for a solve that did not reach its tolerance (the
+            forward, and Implicit's backward solve): ``"warn"`` (default), a
+            ``RuntimeWarning`` with the samples, the residual and the counts so
+            far, at the 1st, 2nd, 4th, 8th, ... failed solve of each stage
+            (the forward and the backward counted apart, and a backward's
+            diverged solves on their own schedule), pointing at the user's
+            line (the layer call, or ``backward()``); ``"ignore"``; or
+            ``"raise"`` (:class:`ConvergenceError`). Whatever the policy, the
+            solves are counted in :attr:`counts` (one host sync per solve).
+            A diverged backward solve is handled by ``Implicit.on_divergence``.
         unroll_steps: ``None`` for DEQ mode; an integer ``L`` runs ``f`` exactly
             ``L`` times from ``z0`` with ordinary autograd (the explicit
             weight-tied network: pretraining and the baseline). A validated
             attribute: set it to ``None`` to switch to DEQ mode.
-        fix_rng: replay the RNG state for every f-call of one layer call.
+        fix_rng: replay the RNG state for every f-call of one layer call, in
+            training and eval mode.
+
+    Attributes:
+        last_result: the :class:`SolverResult` of the last call (detached), a
+            new object per call; ``None`` before the first. Its ``.backward``
+            is filled in place when ``backward()`` runs through that call's
+            output with Implicit (a reference taken after the forward sees it
+            too); it stays ``None`` for UPG, NPG and JFB (no solve; their cost
+            is fixed, ``k`` VJPs), in unrolled mode, and when nothing needed a
+            gradient. ``repr`` prints a one-line summary.
+        counts: :class:`Counts`, the forward and backward :class:`SolveCounts`
+            (solves run, failed, diverged) since construction or
+            :meth:`reset_counts`.
 
     Raises:
         ValueError: unknown names, invalid budgets or policy.
@@ -212,6 +309,7 @@ class DEQLayer(nn.Module):
         ...                  tol=1e-4, max_iter=30, eval_max_iter=60)
         >>> z = layer(x)                       # z0 defaults to zeros_like(x)
         >>> layer.last_result.nstep            # forward statistics; .backward after backward()
+        >>> layer.counts.backward.failed       # backward solves that missed their tolerance so far
 
     References:
         Bai, Kolter, Koltun, Deep Equilibrium Models, NeurIPS 2019.
@@ -244,7 +342,11 @@ class DEQLayer(nn.Module):
         self.unroll_steps = unroll_steps
         self.fix_rng = fix_rng
         self.last_result: SolverResult | None = None
-        self._warned = False
+        self.counts = Counts()
+
+    def reset_counts(self) -> None:
+        """Start :attr:`counts` (and the warning schedule that follows it) from zero."""
+        self.counts = Counts()
 
     @property
     def time_dim(self) -> int | None:
@@ -308,15 +410,21 @@ class DEQLayer(nn.Module):
                 :func:`deq.solve`.
             NonFiniteError: ``f`` produced NaN/inf (forward or backward).
             ConvergenceError: not converged and ``on_nonconvergence="raise"``.
+            RuntimeError: called under a ``torch.func`` transform.
         """
         if not isinstance(jac_reg, int) or isinstance(jac_reg, bool) or jac_reg < 0:
             raise ValueError(f"jac_reg must be an integer >= 0 (Hutchinson probes), got {jac_reg!r}")
+        if _under_functorch_transform():
+            raise RuntimeError("DEQLayer does not support torch.func transforms (vmap, grad, jacrev, jacfwd, ...): "
+                               "the solver stops on a host-side test (.item()) and the backward is an "
+                               "autograd.Function without functorch rules. Call it on the batch (each sample stops "
+                               "at its own tolerance) and differentiate with torch.autograd")
         if z0 is None:
             if not isinstance(x, Tensor):
                 raise ValueError("z0 is required when x is not a tensor (the default is zeros_like(x))")
             z0 = torch.zeros_like(x)
         device = as_tuple(z0)[0].device
-        replay = _RngReplay(device) if self.fix_rng and self.training else None
+        replay = _RngReplay(device) if self.fix_rng else None
         call = _Call(self.f, x, replay)
         tol, budget = (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
         if self.compact and self.unroll_steps is None:
@@ -365,27 +473,41 @@ class DEQLayer(nn.Module):
             n_iter=steps, solver="unrolled", stop_mode=self.stop_mode, tol=tol, atol=self.atol)
         return z
 
-    def _reporter(self, fwd: SolverResult) -> Callable[[SolverResult], None]:
-        def report(bwd: SolverResult) -> None:
-            bwd = bwd.detach()
-            if self.last_result is fwd:
-                self.last_result = dataclasses.replace(fwd, backward=bwd)
-            self._apply_policy(bwd, "backward")
+    def _reporter(self, fwd: SolverResult) -> Callable[[SolverResult, Tensor | None], None]:
+        def report(bwd: SolverResult, diverged: Tensor | None = None) -> None:
+            # In place, so that a reference to this call's result taken after
+            # the forward sees its backward too; a frozen dataclass otherwise,
+            # and no other field ever changes.
+            object.__setattr__(fwd, "backward", bwd.detach())
+            self._apply_policy(fwd.backward, "backward", diverged)
 
         return report
 
-    def _apply_policy(self, res: SolverResult, stage: str) -> None:
-        if (self.on_nonconvergence == "ignore" or (self.on_nonconvergence == "warn" and self._warned)
-                or res.residual.numel() == 0):
+    def _apply_policy(self, res: SolverResult, stage: str, diverged: Tensor | None = None) -> None:
+        """Count the solve, then warn (on the schedule) or raise as ``on_nonconvergence`` says."""
+        counts = getattr(self.counts, stage)
+        counts.calls += 1
+        failed = ~res.converged
+        if failed.numel() == 0:
             return
-        n_bad, worst = torch.stack([(~res.converged).sum().to(res.residual.dtype),
-                                    res.residual.max()]).tolist()
+        stats = [failed.sum(), res.residual.max(), failed.new_zeros(()) if diverged is None else diverged.sum()]
+        n_bad, worst, n_div = torch.stack([t.to(res.residual.dtype) for t in stats]).tolist()  # one host sync
         if n_bad == 0:
             return
+        counts.failed += 1
+        counts.diverged += int(n_div > 0)
         msg = (f"DEQLayer {stage} solve ({res.solver}) did not converge for {int(n_bad)} of "
                f"{res.residual.numel()} samples in {res.n_iter} iterations: max residual {worst:.3g} > tol "
                f"{res.tol:g} ({res.stop_mode})")
+        if n_div:
+            msg += (f"; {int(n_div)} of them diverged (adjoint residual not below ||dL/dz*||) and were handled by "
+                    f"on_divergence={getattr(self.backward, 'on_divergence', None)!r}")
         if self.on_nonconvergence == "raise":
             raise ConvergenceError(msg)
-        self._warned = True
-        warnings.warn(msg + "; this warning is shown once per layer", RuntimeWarning, stacklevel=3)
+        due = _is_power_of_two(counts.failed) or (n_div > 0 and _is_power_of_two(counts.diverged))
+        if self.on_nonconvergence == "warn" and due:
+            so_far = f"{counts.failed} of {counts.calls} {stage} solves failed"
+            if stage == "backward":
+                so_far += f", {counts.diverged} diverged"
+            msg += f". So far {so_far} (layer.counts.{stage}); warned at the 1st, 2nd, 4th, 8th, ... failure"
+            warnings.warn(msg, RuntimeWarning, stacklevel=_user_stacklevel())

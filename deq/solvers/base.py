@@ -149,6 +149,21 @@ class SolverResult:
         keys = ("nstep_mean", "nstep_max", "residual_mean", "residual_max", "converged_frac")
         return dict(zip(keys, stats))
 
+    def __repr__(self) -> str:
+        """One line (not the tensors): iterations, nstep, worst residual, converged, and the backward's."""
+        batch = self.residual.numel()
+        head = f"{self.solver}, batch {batch}, n_iter {self.n_iter}"
+        if batch:
+            s = self.summary()
+            tol = f"tol {self.tol:g}" + (f", atol {self.atol:g}" if self.atol else "")
+            head += (f", nstep mean {s['nstep_mean']:.3g} max {int(s['nstep_max'])}, max residual "
+                     f"{s['residual_max']:.3g} ({tol}, {self.stop_mode}), converged "
+                     f"{round(s['converged_frac'] * batch)}/{batch}")
+        if self.rows is not None:
+            head += f", rows {self.rows}"
+        tail = "" if self.backward is None else f", backward={self.backward!r}"
+        return f"SolverResult({head}{tail})"
+
 
 class Iterate(NamedTuple):
     """The current iterate as the loop hands it to :meth:`Solver.step`, flat ``(B, D)``.
