@@ -3,7 +3,10 @@
 For the two language models' equilibrium functions (the DEQ-Transformer block
 with relative attention over [memory ; segment], the DEQ-TrellisNet cell),
 built as :class:`deq.models.DEQTransformerLM` / :class:`deq.models.DEQTrellisNetLM`
-at their initialisation (seeded), and every solver (fixed_point, anderson,
+at their initialisation (seeded), and for the solver benchmark's causal
+Transformer block (``problems.transformer_block``: post-LN, converges in
+10-30 iterations at its init, where the language model's block at
+``init_std`` 0.02 needs 100-200), and every solver (fixed_point, anderson,
 broyden) at ``tol`` 1e-3 and 1e-6 (``stop_mode="rel"``, ``max_iter`` 200), it
 reports for the plain solve and for the causal mode (``time_dim``):
 
@@ -35,7 +38,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import problems  # noqa: E402
 
 import deq  # noqa: E402
 from deq.models import DEQTransformerLM, DEQTrellisNetLM  # noqa: E402
@@ -98,8 +104,25 @@ class Captured:
                              time_dim=self.time_dim if causal else None)
 
 
-def cost_rows(name: str, model, input, repeats: int) -> list[dict]:
-    problem = Captured(model, input)
+class Plain:
+    """A ``problems.py`` problem in the form :func:`cost_rows` takes."""
+
+    def __init__(self, problem):
+        self.f, self.z0, _ = problem
+
+    def solve(self, solver: str, tol: float, causal: bool, timed: list[float] | None = None):
+        def f(z):
+            start = time.perf_counter()
+            out = self.f(z)
+            if timed is not None:
+                timed[0] += time.perf_counter() - start
+            return out
+
+        with torch.no_grad():
+            return deq.solve(f, self.z0, solver=solver, tol=tol, max_iter=200, time_dim=1 if causal else None)
+
+
+def cost_rows(name: str, problem, repeats: int) -> list[dict]:
     rows = []
     for solver in SOLVERS:
         for tol in TOLS:
@@ -179,8 +202,11 @@ def main() -> None:
     batch, length = (2, 12) if args.quick else (8, 64)
     rows, leaks = [], {}
     for name, model in build_models(args.quick).items():
-        rows += cost_rows(name, model, tokens(batch, length, seed=1), repeats)
+        rows += cost_rows(name, Captured(model, tokens(batch, length, seed=1)), repeats)
         leaks[name] = leak(model, batch, length, seed=3)
+    block = problems.transformer_block(d_model=16 if args.quick else 128, n_heads=2 if args.quick else 4, seq=length,
+                                       batch=batch)
+    rows += cost_rows("bench block", Plain(block), repeats)
     print(f"f-calls and overhead, plain vs causal (batch {batch}, {length} tokens, max_iter 200, at init):")
     print_rows(rows)
     print("\nleak: largest |change| of an earlier log-probability when later tokens are edited "
