@@ -114,8 +114,9 @@ class Anderson(Solver):
             prods = torch.bmm(state.pairs[k % 2], state.dG_t)  # (B, 2, m)
             if self._prefix is not None:  # causal: sums over the positions <= t of each sample
                 prods = prods.view(-1, self._prefix, 2, self.m).cumsum(dim=1).view(-1, 2, self.m)
-            gram_row.copy_(prods[:, 0])
-            gram_col.copy_(prods[:, 0])
+            column = prods[:, 0]
+            gram_row.copy_(column)
+            gram_col.copy_(column)
             gamma = self._gamma(state, k, prods, it.gn.square()[:, None])
             z_new = z.lerp(torch.baddbmm(mixed.unsqueeze(1), gamma, state.dY, alpha=-1.0).squeeze(1), weight)
         fz_new = evaluate(z_new, active)
@@ -134,21 +135,19 @@ class Anderson(Solver):
         valid, best_sq, stale = state.valid, state.best_sq, state.stale
         improved = g_sq < best_sq
         torch.minimum(best_sq, g_sq, out=best_sq)
-        stale.add_(1.0).mul_(~improved)
+        stale.add_(1.0).masked_fill_(improved, 0.0)
         keep = stale < self.m
-        valid[:, (k - 1) % self.m] = 1.0
+        state.valid_cols[(k - 1) % self.m].fill_(1.0)
         valid.mul_(keep)
         stale.mul_(keep)
-        best_sq.copy_(torch.where(keep, best_sq, g_sq))
-        outer = valid.unsqueeze(2) * valid.unsqueeze(1)
-        masked = state.gram * outer
+        torch.where(keep, best_sq, g_sq, out=best_sq)
+        masked = state.gram * (state.valid_col * state.valid_row)
         ridge = torch.add(state.tiny, masked.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True), alpha=self.lam)
         system = torch.addcmul(masked, ridge.unsqueeze(2), state.eye)
         # gamma (B, 1, m) as a row: gamma A = rhs^T, the same as A gamma^T = rhs (A symmetric).
-        gamma, info = torch.linalg.solve_ex(system, prods[:, 1:] * valid.unsqueeze(1), left=False)
+        gamma, info = torch.linalg.solve_ex(system, prods[:, 1:] * state.valid_row, left=False)
         # A singular or non-finite solve falls back to the plain mixing step.
-        ok = (info.view(-1, 1, 1) == 0) & gamma.sum(dim=2, keepdim=True).isfinite()
-        return torch.where(ok, gamma, 0.0)
+        return gamma.masked_fill_((info != 0).view(-1, 1, 1), 0.0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @dataclass
@@ -180,9 +179,14 @@ class _AndersonState:
     rows: tuple = field(init=False, repr=False)
     dG_t: Tensor = field(init=False, repr=False)
     slots: tuple = field(init=False, repr=False)
+    valid_cols: tuple = field(init=False, repr=False)
+    valid_col: Tensor = field(init=False, repr=False)
+    valid_row: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.rows = tuple(p.unbind(1) for p in self.pairs)
         self.dG_t = self.dG.transpose(1, 2)
+        self.valid_cols = self.valid.unbind(1)
+        self.valid_col, self.valid_row = self.valid[:, :, None], self.valid[:, None, :]
         self.slots = tuple((self.dG[:, i], self.dY[:, i], self.gram[:, i], self.gram[:, :, i])
                            for i in range(self.dG.shape[1]))
