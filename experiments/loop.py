@@ -16,9 +16,9 @@ Each step:
 
 Every ``log_interval`` steps one ``train`` line, every ``eval_interval`` a
 validation, every ``ckpt_interval`` a checkpoint (never during a non-finite
-streak); at the end the last line, validation and test, and a final
-checkpoint that holds the results, so resuming a finished run only reports
-them. ``resume=true`` continues bit-exactly from the checkpoint (the log
+streak: the newest checkpoint is then one from before it); at the end the
+last line, validation and test, and a final checkpoint that holds the
+results, so resuming a finished run only reports them. ``resume=true`` continues bit-exactly from the checkpoint (the log
 interval in progress included). SIGINT or SIGTERM stops after the current
 step with a checkpoint; a second one stops at once.
 """
@@ -476,8 +476,9 @@ def finish(run: Run, state: TrainState) -> None:
     if bool(run.train.test_at_end) and "test" in run.task.eval_splits:
         final["test"] = run_evaluation(run, state, "test").metrics
     state.final = final
-    if state.nonfinite_streak == 0:
-        save(run, state)
+    # Even after skipped last steps (the run is over; resuming it must only report it). The
+    # checkpoint from before them stays as checkpoint.prev.pt.
+    save(run, state)
 
 
 def _stop_here(run: Run, state: TrainState, signum: int) -> None:
@@ -496,7 +497,8 @@ def summarise(run: Run, state: TrainState, *, already_finished: bool) -> RunSumm
     pretrain = int(run.train.pretrain_steps)
     describe = run.task.describe
     return RunSummary(
-        run=run.name, steps=state.step, time_s=run.elapsed() if not already_finished else state.elapsed_s,
+        # A finished run reports the time recorded in its final checkpoint, whichever process asks.
+        run=run.name, steps=state.step, time_s=run.elapsed() if state.final is None else state.elapsed_s,
         train_loss=state.train_loss, valid=final["valid"], test=final["test"],
         valid_text=describe(final["valid"]) if final["valid"] else None,
         test_text=describe(final["test"]) if final["test"] else None, nonfinite_steps=state.nonfinite_total,

@@ -185,7 +185,7 @@ def test_wikitext2_config_reads_the_wikitext2_files(tmp_path):
     folder = tmp_path / "wikitext-2"
     folder.mkdir()
     for split in ("train", "valid", "test"):
-        (folder / f"wiki.{split}.tokens").write_text(" = Valkyria Chronicles = \n" * 40)
+        (folder / f"wiki.{split}.tokens").write_text(" = Valkyria Chronicles = \n" * 400)
     cfg = _compose("data=wikitext2", f"data.root={tmp_path}")
     assert cfg.data.name == "wikitext-2" and cfg.data.vocab_size == 33278
     with pytest.raises(ValueError, match="data.vocab_size=33278 but the wikitext-2 corpus .* has 4 words"):

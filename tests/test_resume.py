@@ -81,7 +81,7 @@ def test_resuming_a_finished_run_only_reports_it(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="experiments"):
         again = train(copy_cfg(tmp_path, "resume=true"))["deq"]
     assert again.already_finished and again.steps == 4 and again.valid == done.valid
-    assert again.time_s == pytest.approx(done.time_s, rel=0.05)  # cumulative, not this process's
+    assert again.time_s == done.time_s > 0  # the run's, as recorded when it finished, not this process's
     assert (tmp_path / "metrics.jsonl").read_text() == lines  # no new line
     assert "finished at step 4" in caplog.text
 
@@ -213,7 +213,7 @@ def test_sigkill_at_random_moments_always_resumes_exactly(tmp_path):
 
 def test_ctrl_c_on_the_command_line_stops_cleanly_and_resumes_exactly(tmp_path):
     """The real entry point, interrupted with SIGINT while training: exit status 130, no traceback."""
-    need = [*QUICK, *COPY, *TINY_TRANSFORMER, "train.compare_explicit=false", *KILLED, "train.max_steps=40"]
+    need = [*QUICK, *COPY, *TINY_TRANSFORMER, "train.compare_explicit=false", *KILLED, "train.max_steps=24"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "experiments" / "train.py"), *need, f"hydra.run.dir={tmp_path / 'cli'}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
@@ -229,7 +229,7 @@ def test_ctrl_c_on_the_command_line_stops_cleanly_and_resumes_exactly(tmp_path):
     assert "Traceback" not in out + err
     assert "stopped by SIGINT after step" in out + err and "continue with resume=true" in out + err
     stopped_at = checkpoint.load(tmp_path / "cli" / "checkpoint.pt")["state"]["step"]
-    assert 0 < stopped_at < 40
+    assert 0 < stopped_at < 24
     done = subprocess.run(cmd + ["resume=true"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     train(compose_train(tmp_path / "ref", *need))
