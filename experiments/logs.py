@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import sys
 from pathlib import Path
@@ -22,8 +21,6 @@ from typing import Iterator
 import deq
 
 from .checkpoint import atomic_write
-
-log = logging.getLogger("experiments")
 
 
 class MetricsLog:

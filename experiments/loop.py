@@ -87,8 +87,8 @@ class RunSummary:
         checkpoint: the checkpoint file.
         already_finished: the run had finished before this call (nothing was run).
         switch_step: the step at which unrolled training switched to the DEQ, if it did.
-        traces: residual traces for the convergence plot: ``"forward"`` of every
-            batch of the final validation, ``"train forward"`` / ``"train
+        traces: residual traces for the convergence plot: ``"valid forward"`` of
+            every batch of the final validation, ``"train forward"`` / ``"train
             backward"`` of the last DEQ training steps (empty when unrolled).
     """
 
@@ -173,7 +173,7 @@ def build_run(cfg: DictConfig, *, name: str, explicit: bool, info: DistInfo, dev
 
 
 def fit(cfg: DictConfig, *, name: str, explicit: bool, info: DistInfo, device: torch.device, out_dir: Path,
-        checkpoint: Path) -> RunSummary:
+        checkpoint: Path, resume: bool | str) -> RunSummary:
     """Train one model as ``cfg`` says (see the module docstring) and return its summary.
 
     Args:
@@ -183,15 +183,17 @@ def fit(cfg: DictConfig, *, name: str, explicit: bool, info: DistInfo, device: t
         info, device: the job and this process's device.
         out_dir: where ``metrics.jsonl`` (and TensorBoard's files) go.
         checkpoint: this run's checkpoint file.
+        resume: ``False``, ``True`` or ``"auto"`` (see :func:`check_resume`).
 
     Raises:
-        ResumeError: ``resume`` was refused (see :func:`start_state`).
+        ResumeError: ``resume`` was refused (see :func:`check_resume`, :func:`start_state`).
         NonFiniteTrainingError: more than ``train.max_nonfinite`` non-finite steps in a row.
         TrainingInterrupted: SIGINT / SIGTERM, after a checkpoint.
     """
+    resuming = check_resume(name, checkpoint, resume)
     run = build_run(cfg, name=name, explicit=explicit, info=info, device=device, out_dir=out_dir,
                     checkpoint=checkpoint)
-    state = start_state(run, out_dir)
+    state = start_state(run, out_dir, resuming=resuming)
     try:
         if state.final is not None and state.step >= run.max_steps:
             log.info("[%s] finished at step %d (%s): nothing to do", name, state.step, run.checkpoint)
@@ -224,33 +226,39 @@ def fit(cfg: DictConfig, *, name: str, explicit: bool, info: DistInfo, device: t
             sink.close()
 
 
-def start_state(run: Run, out_dir: Path) -> TrainState:
-    """A fresh state, or the checkpoint's, as ``resume`` says.
+def check_resume(name: str, checkpoint: Path, resume: bool | str) -> bool:
+    """Whether to resume: ``False`` never (and refuses to overwrite a checkpoint), ``True`` always
+    (and refuses without one), ``"auto"`` when there is one (the previous one counts).
 
-    ``resume=false`` refuses to overwrite an existing checkpoint; ``true``
-    refuses to start without one; ``auto`` resumes when there is one. A resume
-    refuses a config that differs from the checkpoint's (see
-    :func:`experiments.config.resume_changes`) unless ``allow_changes=true``,
-    and then applies and logs each change.
+    Raises:
+        ResumeError: the refusals above, with what to do instead.
+    """
+    exists = checkpoint.is_file() or ckpt.previous_path(checkpoint).is_file()
+    if resume is False and exists:
+        raise ResumeError(f"{checkpoint} already exists (run {name!r}); pass resume=true to continue it, or "
+                          f"choose another hydra.run.dir (or out_dir / checkpoint) for a new run")
+    if resume is True and not exists:
+        raise ResumeError(f"resume=true but there is no checkpoint at {checkpoint} (nor "
+                          f"{ckpt.previous_path(checkpoint).name}): check hydra.run.dir (or checkpoint=); "
+                          f"resume=false starts afresh, resume=auto resumes only when there is one")
+    if resume == "auto" and not exists:
+        log.info("[%s] resume=auto: no checkpoint at %s, starting afresh", name, checkpoint)
+    return exists
+
+
+def start_state(run: Run, out_dir: Path, *, resuming: bool) -> TrainState:
+    """The checkpoint's state when ``resuming`` (see :func:`_resume`), else a fresh one.
+
+    Temporary files left by killed writers are removed first (rank 0).
     """
     if run.info.is_main:
         for directory in {run.checkpoint.parent, out_dir}:
             ckpt.remove_stale_temporaries(directory, (run.checkpoint.name, ckpt.previous_path(run.checkpoint).name,
                                                       run.metrics.path.name))
     barrier(run.info)
-    resume, exists = run.cfg.resume, run.checkpoint.is_file() or ckpt.previous_path(run.checkpoint).is_file()
-    if resume is False and exists:
-        raise ResumeError(f"{run.checkpoint} already exists (run {run.name!r}); pass resume=true to continue it, or "
-                          f"choose another hydra.run.dir (or out_dir / checkpoint) for a new run")
-    if resume is True and not exists:
-        raise ResumeError(f"resume=true but there is no checkpoint at {run.checkpoint} (nor "
-                          f"{ckpt.previous_path(run.checkpoint).name}): check hydra.run.dir (or checkpoint=); "
-                          f"resume=false starts afresh, resume=auto resumes only when there is one")
-    if exists:
+    if resuming:
         state = _resume(run)
     else:
-        if resume == "auto":
-            log.info("[%s] resume=auto: no checkpoint at %s, starting afresh", run.name, run.checkpoint)
         state = TrainState.fresh(int(run.cfg.seed))
         if run.info.is_main:
             run.metrics.truncate(None)
@@ -258,12 +266,17 @@ def start_state(run: Run, out_dir: Path) -> TrainState:
     run.elapsed_before = state.elapsed_s
     if run.cfg.get("logger") is not None and run.info.is_main:
         run.sinks.append(instantiate(run.cfg.logger, log_dir=out_dir / "tensorboard" / run.name,
-                                     purge_step=state.step + 1 if exists else None))
+                                     purge_step=state.step + 1 if resuming else None))
     return state
 
 
 def _resume(run: Run) -> TrainState:
-    """Load the newest usable checkpoint into the run's objects; the state it holds."""
+    """Load the newest usable checkpoint into the run's objects; the state it holds.
+
+    A config that differs from the checkpoint's (see
+    :func:`experiments.config.resume_changes`) is refused unless
+    ``allow_changes=true``; then each change is logged and applied as given.
+    """
     stored, path = ckpt.load_latest(run.checkpoint)
     changes = resume_changes(stored["config"], run.cfg)
     listing = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
@@ -472,7 +485,7 @@ def finish(run: Run, state: TrainState) -> None:
         result = run_evaluation(run, state, "valid", keep_traces=True)
         final["valid"] = state.valid = result.metrics
         if result.traces:
-            run.traces["forward"] = result.traces
+            run.traces["valid forward"] = result.traces
     if bool(run.train.test_at_end) and "test" in run.task.eval_splits:
         final["test"] = run_evaluation(run, state, "test").metrics
     state.final = final

@@ -94,12 +94,13 @@ def plot_convergence(solves: Mapping[str, Sequence[torch.Tensor]], path: str | P
         return None
     fig = Figure(figsize=(6.5, 4))
     ax = fig.subplots()
-    for label, traces in solves.items():
+    for i, (label, traces) in enumerate(solves.items()):
         # Residuals may be exactly 0 (a fixed point hit); a log axis needs a floor.
         t = stack_traces(traces).clamp_min(1e-16)
         it = range(t.shape[0])
         low, mid, high = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=t.dtype), dim=1)
-        line, = ax.plot(it, mid, label=f"{label}: median of {t.shape[1]} samples, {len(traces)} solves")
+        line, = ax.plot(it, mid, linestyle=("-", "--", "-.", ":")[i % 4],
+                        label=f"{label}: median of {t.shape[1]} samples, {len(traces)} solves")
         ax.fill_between(it, low, high, color=line.get_color(), alpha=0.2)
     if tol is not None:
         ax.axhline(tol, color="k", linestyle="--", linewidth=1, label=f"tol {tol:g}")

@@ -142,8 +142,10 @@ class LanguageModeling:
         columns = ids.numel() // batch
         where = f"the {split} split ({_corpus_file(self.name, self.root, split)}, {ids.numel()} tokens)"
         if columns < 2:
+            fix = (f"so at most data.{batch_key}={ids.numel() // 2}" if ids.numel() >= 2 else
+                   "and the split has fewer than 2")
             raise ConfigError([f"{where} is too short for data.{batch_key}={batch}: each row needs at least 2 "
-                               f"tokens, so at most data.{batch_key}={max(ids.numel() // 2, 1)}"])
+                               f"tokens, {fix}"])
         if length > columns - 1:
             raise ConfigError([f"data.{len_key}={length} is longer than the rows of {where}: {batch} rows of "
                                f"{columns} tokens give segments of at most {columns - 1}"])

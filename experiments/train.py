@@ -78,17 +78,21 @@ def train(cfg: DictConfig) -> dict[str, RunSummary]:
     """
     validate(cfg)
     info = distributed.setup(str(cfg.device))
+    if not info.is_main:  # one copy of the log lines (rank 0's); warnings from every rank
+        logging.getLogger("experiments").setLevel(logging.WARNING)
     try:
         if cfg.num_threads is not None:
             torch.set_num_threads(int(cfg.num_threads))
         device = distributed.resolve_device(str(cfg.device), info)
         out_dir = _output_dir(cfg, info)
         checkpoint = Path(str(cfg.checkpoint)) if cfg.checkpoint is not None else out_dir / "checkpoint.pt"
-        runs = [("explicit", True, checkpoint)] if cfg.train.explicit else [("deq", False, checkpoint)]
+        runs = [("explicit" if cfg.train.explicit else "deq", bool(cfg.train.explicit), checkpoint, cfg.resume)]
         if cfg.train.compare_explicit and not cfg.train.explicit:
-            runs.append(("explicit", True, checkpoint.with_name(f"{checkpoint.stem}-explicit{checkpoint.suffix}")))
+            # resume=true continues the job: a twin that had not started yet starts now.
+            runs.append(("explicit", True, checkpoint.with_name(f"{checkpoint.stem}-explicit{checkpoint.suffix}"),
+                         "auto" if cfg.resume is True else cfg.resume))
         results = {name: fit(cfg, name=name, explicit=explicit, info=info, device=device, out_dir=out_dir,
-                             checkpoint=path) for name, explicit, path in runs}
+                             checkpoint=path, resume=resume) for name, explicit, path, resume in runs}
         if info.is_main:
             _report(results)
             if cfg.train.plots and not all(r.already_finished for r in results.values()):

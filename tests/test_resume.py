@@ -75,6 +75,19 @@ def test_resume_after_sigterm_is_bit_exact_and_logs_the_same_lines(tmp_path, set
     assert resumed.valid == full.valid
 
 
+def test_resume_continues_the_run_then_starts_the_explicit_twin(tmp_path, monkeypatch):
+    _sigterm_after(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
+        train(copy_cfg(tmp_path, "train.compare_explicit=true"))
+    assert not (tmp_path / "checkpoint-explicit.pt").exists()
+    monkeypatch.undo()
+    result = train(copy_cfg(tmp_path, "train.compare_explicit=true", "resume=true"))
+    assert (result["deq"].steps, result["explicit"].steps) == (4, 4)
+    assert [(r["run"], r["step"]) for r in records(tmp_path) if r["kind"] == "train"] == [
+        ("deq", 1), ("deq", 2), ("deq", 3), ("deq", 4), ("explicit", 1), ("explicit", 2), ("explicit", 3),
+        ("explicit", 4)]
+
+
 def test_resuming_a_finished_run_only_reports_it(tmp_path, caplog):
     done = train(copy_cfg(tmp_path))["deq"]
     lines = (tmp_path / "metrics.jsonl").read_text()

@@ -45,7 +45,7 @@ def test_copy_memory_deq_and_explicit_twin(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoint.pt")["state"]["step"] == 4
     assert checkpoint.load(tmp_path / "checkpoint-explicit.pt")["state"]["step"] == 4
     # The convergence plot's material: every batch of the final validation, the last training solves.
-    assert len(deq_run.traces["forward"]) == 1 and len(deq_run.traces["train backward"]) == 2
+    assert len(deq_run.traces["valid forward"]) == 1 and len(deq_run.traces["train backward"]) == 2
     assert twin.traces == {}
 
 
