@@ -8,8 +8,8 @@ still before the first step.
 
 :func:`resume_changes` lists, key by key, how the config differs from the one
 stored in a checkpoint, leaving out the keys that may change between the
-processes of one run (:data:`FREE_ON_RESUME`: where to write, how often to
-log, how long to train).
+processes of one run (:data:`FREE_ON_RESUME`: where to read and write, how
+often to log, how long to train).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ RESUME = (False, True, "auto")
 PRECISIONS = ("fp32", "bf16", "fp16")  # experiments.step maps them to autocast dtypes
 
 # Keys that may differ between the processes of one run without changing what it computes.
-FREE_ON_RESUME = ("resume", "allow_changes", "checkpoint", "out_dir", "device", "num_threads", "logger",
+FREE_ON_RESUME = ("resume", "allow_changes", "checkpoint", "out_dir", "device", "num_threads", "logger", "data.root",
                   "train.max_steps", "train.log_interval", "train.eval_interval", "train.ckpt_interval",
                   "train.eval_mem_len", "train.eval_max_batches", "train.test_at_end", "train.max_nonfinite",
                   "train.find_unused_parameters", "train.progress", "train.plots", "train.compare_explicit")

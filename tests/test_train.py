@@ -142,6 +142,17 @@ def test_nonfinite_streak_stops_the_run_and_leaves_a_good_checkpoint(tmp_path, m
     assert not [r for r in records(tmp_path) if r["kind"] == "nonfinite"]  # the streak's lines were replayed away
 
 
+def test_resume_resets_the_streak_counter(tmp_path, monkeypatch):
+    # The last step of the first process is skipped: its final checkpoint holds a streak of 1.
+    _poison(monkeypatch, {4})
+    train(copy_cfg(tmp_path, "train.max_nonfinite=1"))
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["state"]["nonfinite_streak"] == 1
+    monkeypatch.undo()
+    _poison(monkeypatch, {1})  # the resumed process's first step: a streak of 1 again, not 2
+    result = train(copy_cfg(tmp_path, "train.max_nonfinite=1", "train.max_steps=6", "resume=true"))["deq"]
+    assert result.steps == 6 and result.nonfinite_steps == 2
+
+
 def test_missing_corpus_names_the_directory_and_the_download_command(tmp_path):
     root = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as err:
