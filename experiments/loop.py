@@ -18,9 +18,10 @@ Every ``log_interval`` steps one ``train`` line, every ``eval_interval`` a
 validation, every ``ckpt_interval`` a checkpoint (never during a non-finite
 streak: the newest checkpoint is then one from before it); at the end the
 last line, validation and test, and a final checkpoint that holds the
-results, so resuming a finished run only reports them. ``resume=true`` continues bit-exactly from the checkpoint (the log
-interval in progress included). SIGINT or SIGTERM stops after the current
-step with a checkpoint; a second one stops at once.
+results, so resuming a finished run only reports them. ``resume=true``
+continues bit-exactly from the checkpoint (the log interval in progress
+included). SIGINT or SIGTERM stops after the current step with a checkpoint;
+a second one stops at once.
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def fit(cfg: DictConfig, *, name: str, explicit: bool, info: DistInfo, device: t
                 for group, base_lr in zip(run.stepper.optimizer.param_groups, run.base_lrs):
                     group["lr"] = run.schedule.lr(state.step, base_lr)
                 started = time.perf_counter()
-                outcome = run.stepper.step(batch.input, batch.target, state.mems, plan)
+                outcome = run.stepper.step(batch.input, batch.target, mems=state.mems, plan=plan)
                 seconds = time.perf_counter() - started
                 stats = record_step(run, state, batch, outcome, plan, seconds)
                 progress.update(outcome.loss, stats, outcome.jac_loss, seconds)

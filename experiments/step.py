@@ -118,7 +118,7 @@ class Stepper:
     info: DistInfo
     device: torch.device
 
-    def step(self, input: Tensor, target: Tensor, mems: Any, plan: StepPlan) -> StepOutcome:
+    def step(self, input: Tensor, target: Tensor, *, mems: Any, plan: StepPlan) -> StepOutcome:
         """Zero the gradients, forward and backward, check, clip and step; see the module docstring."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)

@@ -3,8 +3,9 @@
 A task is built by ``hydra.utils.instantiate(cfg.data, rank=..., world_size=...,
 device=...)`` from a ``configs/data`` file whose ``_target_`` names the class
 (config keys equal the constructor's arguments; the loop supplies this
-process's rank, the number of processes and the device). It checks its settings against the data when built, so a setting the
-data cannot satisfy fails before the first step, naming the key. It provides:
+process's rank, the number of processes and the device). It checks its
+settings against the data when built, so a setting the data cannot satisfy
+fails before the first step, naming the key. It provides:
 
 * the training batches (:meth:`Task.train_batch`: batch ``i`` of the run, a
   pure function of ``i``, so the data position is one integer);
@@ -12,7 +13,8 @@ data cannot satisfy fails before the first step, naming the key. It provides:
   with the memory carried from one to the next where the task has one;
 * its metrics (:meth:`Task.score` per batch, :meth:`Task.metrics` over a split).
 
-Both tasks shard every batch over DDP ranks by rows (:func:`experiments.distributed.shard_rows`).
+Both tasks shard every batch over DDP ranks by rows
+(:func:`experiments.distributed.shard_rows`).
 """
 
 from __future__ import annotations

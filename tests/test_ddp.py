@@ -77,7 +77,7 @@ def _gradients(case: str, info, device) -> tuple[float, dict[str, torch.Tensor]]
     stepper = Stepper(net=net, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), clip=None,
                       precision="fp32", scaler=None, info=info, device=device)
     batch = task.train_batch(0)
-    out = stepper.step(batch.input, batch.target, None, StepPlan(unrolled=False))
+    out = stepper.step(batch.input, batch.target, mems=None, plan=StepPlan(unrolled=False))
     assert out.ok, out.reason
     result = model.deq.last_result
     assert bool(result.converged.all()), f"{case}: forward solve not converged"

@@ -247,4 +247,5 @@ def test_ctrl_c_on_the_command_line_stops_cleanly_and_resumes_exactly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     train(compose_train(tmp_path / "ref", *need))
     assert without_times(records(tmp_path / "cli")) == without_times(records(tmp_path / "ref"))
-    assert_same_parameters(model_state(tmp_path / "cli" / "checkpoint.pt"), model_state(tmp_path / "ref" / "checkpoint.pt"))
+    assert_same_parameters(model_state(tmp_path / "cli" / "checkpoint.pt"),
+                           model_state(tmp_path / "ref" / "checkpoint.pt"))

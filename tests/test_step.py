@@ -40,7 +40,8 @@ BATCH = (torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long
 def test_the_jacobian_term_is_added_with_its_weight():
     model = Quadratic()
     w0 = model.w.detach().clone()
-    out = _stepper(model).step(*BATCH, None, StepPlan(unrolled=False, max_iter=7, jac_probes=2, jac_weight=2.5))
+    plan = StepPlan(unrolled=False, max_iter=7, jac_probes=2, jac_weight=2.5)
+    out = _stepper(model).step(*BATCH, mems=None, plan=plan)
     # loss = nll / n + 2.5 jac: gradient 3 w + 2.5 * 4 w^3.
     torch.testing.assert_close(model.w.detach(), w0 - 0.1 * (3 * w0 + 10 * w0 ** 3), rtol=0, atol=1e-15)
     assert model.calls == [{"max_iter": 7, "jac_reg": 2}]
@@ -51,7 +52,8 @@ def test_the_jacobian_term_is_added_with_its_weight():
 def test_unrolled_steps_get_neither_a_budget_nor_the_regulariser():
     model = Quadratic()
     w0 = model.w.detach().clone()
-    out = _stepper(model).step(*BATCH, None, StepPlan(unrolled=True, max_iter=7, jac_probes=1, jac_weight=2.0))
+    plan = StepPlan(unrolled=True, max_iter=7, jac_probes=1, jac_weight=2.0)
+    out = _stepper(model).step(*BATCH, mems=None, plan=plan)
     assert model.calls == [{"max_iter": None, "jac_reg": 0}] and out.jac_loss is None
     torch.testing.assert_close(model.w.detach(), w0 - 0.1 * 3 * w0, rtol=0, atol=1e-15)
 
@@ -60,7 +62,7 @@ def test_clipping_scales_to_the_maximum_norm():
     model = Quadratic()
     w0 = model.w.detach().clone()
     grad = 3 * w0
-    out = _stepper(model, lr=1.0, clip=0.5).step(*BATCH, None, StepPlan(unrolled=True))
+    out = _stepper(model, lr=1.0, clip=0.5).step(*BATCH, mems=None, plan=StepPlan(unrolled=True))
     torch.testing.assert_close(model.w.detach(), w0 - grad * 0.5 / (grad.norm() + 1e-6), rtol=0, atol=1e-12)
     assert out.grad_norm == pytest.approx(float(grad.norm()))
 
@@ -70,7 +72,7 @@ def test_non_finite_jacobian_term_skips_the_step():
     with torch.no_grad():
         model.w[0] = 1e100  # w^4 overflows float64, w^2 does not
     before = model.w.detach().clone()
-    out = _stepper(model).step(*BATCH, None, StepPlan(unrolled=False, jac_probes=1, jac_weight=1.0))
+    out = _stepper(model).step(*BATCH, mems=None, plan=StepPlan(unrolled=False, jac_probes=1, jac_weight=1.0))
     assert not out.ok and out.reason == "non-finite Jacobian regulariser" and out.mems is None
     assert torch.equal(model.w.detach(), before) and model.w.grad is None
 
@@ -83,11 +85,11 @@ def test_fp16_overflow_lowers_the_loss_scale_and_skips_the_step():
     model.w.register_hook(lambda g: g * math.inf if hook_on["on"] else g)
     hook_on = {"on": True}
     before = model.w.detach().clone()
-    out = _stepper(model, scaler=scaler).step(*BATCH, None, StepPlan(unrolled=True))
+    out = _stepper(model, scaler=scaler).step(*BATCH, mems=None, plan=StepPlan(unrolled=True))
     assert not out.ok and out.overflow and out.reason == "fp16 gradient overflow; loss scale lowered to 512"
     assert torch.equal(model.w.detach(), before) and scaler.get_scale() == 512.0
     hook_on["on"] = False
-    out = _stepper(model, scaler=scaler).step(*BATCH, None, StepPlan(unrolled=True))
+    out = _stepper(model, scaler=scaler).step(*BATCH, mems=None, plan=StepPlan(unrolled=True))
     # Unscaled before the norm and the step: the same update as without a scaler.
     assert out.ok and out.grad_norm == pytest.approx(float((3 * before).norm()))
     torch.testing.assert_close(model.w.detach(), before - 0.1 * 3 * before, rtol=0, atol=1e-15)
