@@ -41,8 +41,11 @@ CASES = {
 DATA = ["data.blank_len=3", "data.n_symbols_to_copy=2", "data.batch_size=4", "num_threads=1"]
 COMMON = DATA + ["deq.tol=1e-11", "deq.max_iter=200"]
 # The whole entry point: 3 steps (1 unrolled, 2 DEQ) of the copy-memory default, float32.
-TRAIN = DATA + TRANSFORMER + ["data.eval_batch_size=4", "data.eval_batches=1", "train.max_steps=3",
-                              "train.pretrain_steps=1",
+# Not causal: at these default budgets the tiny Transformer's solves do not converge, and the causal
+# mode's per-position Broyden amplifies the split batch's round-off beyond rel 1e-4 (the causal mode is
+# checked under DDP by the converged cases above).
+TRAIN = DATA + TRANSFORMER + ["model.causal=false", "data.eval_batch_size=4", "data.eval_batches=1",
+                              "train.max_steps=3", "train.pretrain_steps=1",
                 "train.compare_explicit=false", "train.progress=false", "train.plots=false",
                 "train.log_interval=1"]
 

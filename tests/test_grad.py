@@ -9,15 +9,18 @@ of the tensors autograd saves for backward, deduplicated by storage.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.autograd.functional import jacobian
+from torch.utils.checkpoint import checkpoint
 
-from deq import (JFB, NPG, UPG, ConvergenceError, DEQLayer, FixedPoint, Implicit, NonFiniteError,
+from deq import (JFB, NPG, UPG, Anderson, ConvergenceError, DEQLayer, FixedPoint, Implicit, NonFiniteError,
                  get_backward)
+from deq.grad.implicit import default_tol
 
 DT = torch.float64
 TIGHT = dict(tol=1e-13, max_iter=200)
@@ -356,10 +359,12 @@ def test_backward_statistics_recorded_after_backward():
     assert not bwd.z.requires_grad and not layer.last_result.z.requires_grad
 
 
-def test_phantom_backward_records_no_solve():
-    layer = DEQLayer(TanhCell(), backward=NPG(), tol=1e-8)
-    layer(_x(2, 5)).sum().backward()
+@pytest.mark.parametrize("backward", [NPG(), UPG(k=3, damping=0.7), JFB()], ids=["npg", "upg", "jfb"])
+def test_phantom_backward_records_no_solve(backward):
+    layer = DEQLayer(TanhCell(), backward=backward, tol=1e-8)
+    layer(_x(2, 5, requires_grad=True)).sum().backward()
     assert layer.last_result is not None and layer.last_result.backward is None
+    assert layer.counts.backward.calls == 0
 
 
 def _stubborn_layer(policy):
@@ -375,15 +380,21 @@ def test_backward_nonconvergence_raises():
         z.sum().backward()
 
 
-def test_backward_nonconvergence_warns_once():
+def test_backward_nonconvergence_warns_on_the_1st_2nd_4th_failure_with_counts():
     layer = _stubborn_layer("warn")
     with pytest.warns(RuntimeWarning, match=r"backward solve .* max residual [0-9.e+-]+ > tol 1e-12"):
         layer(_x(2, 5)).sum().backward()
     assert layer.last_result.backward.n_iter == 2
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layer(_x(2, 5)).sum().backward()
-    assert not [w for w in caught if "did not converge" in str(w.message)]
+    messages = []
+    for _ in range(7):  # failures 2 to 8
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer(_x(2, 5)).sum().backward()
+        messages.append([str(w.message) for w in caught if "did not converge" in str(w.message)])
+    assert [len(m) for m in messages] == [1, 0, 1, 0, 0, 0, 1]  # the 2nd, 4th and 8th
+    assert "So far 8 of 8 backward solves failed, 0 diverged" in messages[-1][0]
+    assert layer.counts.backward.calls == 8 and layer.counts.backward.failed == 8
+    assert layer.counts.forward.calls == 8 and layer.counts.forward.failed == 0
 
 
 def test_backward_nonconvergence_ignored():
@@ -546,3 +557,262 @@ def test_upg_saves_k_f_graphs():
     with SavedBytes() as saved:
         layer(x)
     assert saved.total == plain.total - w_bytes
+
+
+# ---------------------------------------------------------------------------
+# A backward solve that diverges: never a silent, huge, wrong gradient
+
+
+def _slopes_layer(slopes, **implicit):
+    """f(z, x) = a_b z + x per sample: J = a_b I, exact dL/dx_b = w_b / (1 - a_b).
+
+    Anderson solves the forward of any slope != 1 in a few steps; the backward
+    FixedPoint iteration g <- a_b g + w_b contracts for |a_b| < 1 and grows
+    like a_b^k for a_b > 1.
+    """
+    a = torch.tensor(slopes, dtype=DT)[:, None]
+    layer = DEQLayer(lambda z, x: a * z + x, backward=Implicit(solver=FixedPoint(), max_iter=50, **implicit),
+                     tol=1e-10, max_iter=20)
+    return layer, a
+
+
+def test_diverging_backward_gives_no_gradient_and_is_counted_and_warned():
+    """The reproducer of the issue: f(z) = 1.5 z + x. dL/dx was 8.5e8 (exact: -2), and silent on the 2nd call."""
+    layer, _ = _slopes_layer([1.5, 1.5])
+    for call in (1, 2):
+        x = _x(2, 3, requires_grad=True)
+        z = layer(x)
+        assert bool(layer.last_result.converged.all())  # the forward is fine
+        with pytest.warns(RuntimeWarning, match=r"backward solve \(fixed_point\) did not converge for 2 of 2 .* "
+                                                r"2 of them diverged .* on_divergence='zero'") as record:
+            z.sum().backward()
+        assert f"So far {call} of {call} backward solves failed, {call} diverged" in str(record[0].message)
+        assert torch.equal(x.grad, torch.zeros_like(x))
+    assert (layer.counts.backward.calls, layer.counts.backward.failed, layer.counts.backward.diverged) == (2, 2, 2)
+
+
+def test_only_the_diverged_samples_lose_their_gradient():
+    """a = 0.5 converges; a = 0.95 runs out of iterations but progresses (it keeps its partial sum); 1.5 diverges."""
+    layer, a = _slopes_layer([0.5, 0.95, 1.5])
+    x = _x(3, 4, requires_grad=True)
+    (w,) = _loss_weights(x)
+    with pytest.warns(RuntimeWarning, match="2 of 3 samples .* 1 of them diverged"):
+        (layer(x) * w).sum().backward()
+    bwd = layer.last_result.backward
+    assert bwd.converged.tolist() == [True, False, False]
+    # Fixed-point iterates from 0: g_k = (1 - a^k) / (1 - a) w at the step k returned.
+    k = bwd.best_step.to(DT)[:, None]
+    partial = (1 - a ** k) / (1 - a) * w
+    torch.testing.assert_close(x.grad[0], w[0] / (1 - a[0]), rtol=1e-5, atol=0)  # converged: the exact gradient
+    torch.testing.assert_close(x.grad[1], partial[1], rtol=1e-12, atol=0)          # not converged: its best iterate
+    assert torch.equal(x.grad[2], torch.zeros(4, dtype=DT))                        # diverged: no gradient
+    assert layer.counts.backward.diverged == 1
+
+
+def test_on_divergence_jfb_pushes_the_incoming_gradient_through_one_step():
+    layer, a = _slopes_layer([0.5, 1.5], on_divergence="jfb")
+    x = _x(2, 3, requires_grad=True)
+    (w,) = _loss_weights(x)
+    with pytest.warns(RuntimeWarning, match="on_divergence='jfb'"):
+        (layer(x) * w).sum().backward()
+    torch.testing.assert_close(x.grad[0], w[0] / (1 - a[0]), rtol=1e-5, atol=0)
+    assert torch.equal(x.grad[1], w[1])  # JFB: d f / d x = I
+
+
+def test_on_divergence_raise_names_the_samples():
+    layer, _ = _slopes_layer([0.5, 1.5, 1.5], on_divergence="raise")
+    layer.on_nonconvergence = "ignore"  # the raise is the backward object's, not the layer's policy
+    z = layer(_x(3, 2, requires_grad=True))
+    message = r"Implicit backward solve \(fixed_point\) diverged for samples \[1, 2\]"
+    with pytest.raises(ConvergenceError, match=message):
+        z.sum().backward()
+    assert layer.counts.backward.diverged == 1  # counted before it raised
+
+
+def test_on_divergence_is_checked():
+    with pytest.raises(ValueError, match="unknown on_divergence 'skip'; known: zero, jfb, raise"):
+        Implicit(on_divergence="skip")
+
+
+def test_implicit_defaults():
+    assert Implicit() == Implicit(solver=Anderson(m=5, lam=1e-4, beta=1.0), tol=None, max_iter=50, stop_mode="rel",
+                                  on_divergence="zero")
+
+
+class _CountingHook:
+    """A full backward hook on a module inside f: counts its calls (one per VJP through the module)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        module.register_full_backward_hook(self)
+
+    def __call__(self, module, grad_input, grad_output):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["converges", "slow"])
+def test_backward_hooks_in_f_fire_once_per_vjp(slow):
+    """Implicit: n_iter VJPs in the solve, one for theta and x, and one for the divergence check when not converged."""
+    lin = nn.Linear(5, 5, dtype=DT)
+    with torch.no_grad():
+        lin.weight.copy_(_orth_scaled(5, 0.99 if slow else 0.5, torch.Generator().manual_seed(0)))
+    hook = _CountingHook(lin)
+    layer = DEQLayer(lambda z, x: torch.tanh(lin(z + x)), backward=Implicit(solver=FixedPoint(), max_iter=30),
+                     tol=1e-10, max_iter=100, on_nonconvergence="ignore")
+    layer(_x(3, 5, requires_grad=True)).sum().backward()
+    bwd = layer.last_result.backward
+    assert bool(bwd.converged.all()) != slow
+    assert hook.calls == bwd.n_iter + 1 + (1 if slow else 0)
+    for k, backward in ((4, NPG(k=4)), (3, UPG(k=3))):
+        hook.calls = 0
+        layer = DEQLayer(lambda z, x: torch.tanh(lin(z + x)), backward=backward, tol=1e-10)
+        layer(_x(3, 5, requires_grad=True)).sum().backward()
+        assert hook.calls == k
+
+
+# ---------------------------------------------------------------------------
+# Nothing to differentiate: no re-attachment, no solve; in-place outputs
+
+
+@pytest.mark.parametrize("backward", [Implicit(**TIGHT), NPG(k=3), UPG(k=2)], ids=["implicit", "npg", "upg"])
+def test_frozen_f_and_x_without_grad_run_no_backward(backward):
+    cell = TanhCell().requires_grad_(False)
+    hook = _CountingHook(cell)
+    layer = DEQLayer(cell, backward=backward, tol=1e-10)
+    z = layer(_x(3, 5))
+    assert not z.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(z, layer(_x(3, 5)), rtol=0, atol=1e-9)  # UPG: k damped steps, not f(z*)
+    head = nn.Parameter(torch.ones(5, dtype=DT))
+    (z * head).sum().backward()  # a trainable head after the frozen DEQ still trains
+    assert head.grad is not None and hook.calls == 0
+    assert layer.last_result.backward is None and layer.counts.backward.calls == 0
+
+
+@pytest.mark.parametrize("backward", [Implicit(**TIGHT), NPG(k=3)], ids=["implicit", "npg"])
+def test_frozen_f_with_x_needing_grad_still_differentiates_x(backward):
+    cell = TanhCell()
+    x = _x(3, 5, requires_grad=True)
+    (ref,) = _grads(DEQLayer(cell, backward=backward, tol=1e-12, max_iter=100)(x).pow(2).sum(), (x,))
+    cell.requires_grad_(False)
+    z = DEQLayer(cell, backward=backward, tol=1e-12, max_iter=100)(x)
+    assert z.requires_grad
+    _close(_grads(z.pow(2).sum(), (x,)), (ref,), tol=1e-14)
+
+
+def test_a_parameter_captured_by_a_closure_is_found():
+    """f is a lambda, not a module: the layer cannot list its parameters, the graph of f(z*) still reaches A."""
+    A = nn.Parameter(_orth_scaled(4, 0.5, torch.Generator().manual_seed(1)))
+    z = DEQLayer(lambda z, x: torch.tanh(z @ A.T + x), backward=Implicit(**TIGHT), **TIGHT)(_x(2, 4))
+    assert z.requires_grad
+    (gA,) = _grads(z.sum(), (A,))
+    assert gA.abs().sum() > 0
+
+
+def test_parameters_inside_a_checkpointed_f_are_found():
+    """Non-reentrant checkpoint keeps an ordinary graph (recomputed on use): its parameters are reached."""
+    cell = TanhCell()
+    x = _x(3, 5)
+    grads = []
+    for f in (cell, lambda z, x: checkpoint(cell, z, x, use_reentrant=False)):
+        z = DEQLayer(f, backward=Implicit(**TIGHT), **TIGHT)(x)
+        assert z.requires_grad
+        grads.append(_grads(z.pow(2).sum(), tuple(cell.parameters())))
+    _close(*grads, tol=1e-14)
+
+
+@pytest.mark.parametrize("backward", [Implicit(**TIGHT), NPG(k=3)], ids=["implicit", "npg"])
+def test_implicit_and_npg_outputs_are_views_that_refuse_in_place_ops(backward):
+    """Documented: they are views of the f(z*) the backward keeps (no copy); clone first. UPG's are not."""
+    cell = TanhCell()
+    x = _x(3, 5, requires_grad=True)
+    layer = DEQLayer(cell, backward=backward, **TIGHT)
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        layer(x).relu_()
+    got = _grads(layer(x).clone().relu_().sum(), (x, *cell.parameters()))
+    _close(got, _grads(torch.relu(layer(x)).sum(), (x, *cell.parameters())), tol=1e-14)
+
+
+def test_upg_and_jfb_outputs_can_be_modified_in_place():
+    """Plain autograd outputs (f's last op here, an add, saves nothing): in-place ops just work."""
+    cell = ResidualCell()
+    x = _x(3, 5, requires_grad=True)
+    for backward in (UPG(k=2, damping=0.7), JFB()):
+        layer = DEQLayer(cell, backward=backward, tol=1e-10)
+        got = _grads(layer(x).relu_().sum(), (x, cell.W))
+        _close(got, _grads(torch.relu(layer(x)).sum(), (x, cell.W)), tol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# The backward tolerance follows the dtype f runs in
+
+
+def test_default_tol_is_the_unit_roundoff_and_never_below_1e6():
+    assert default_tol(torch.float64) == 1e-6 and default_tol(torch.float32) == 1e-6
+    assert default_tol(torch.float16) == 2.0 ** -11 and default_tol(torch.bfloat16) == 2.0 ** -8
+
+
+class _Float32Cell(nn.Module):
+    """TanhCell in float32: under CPU bf16 autocast its matmuls (and their VJPs) run in bf16."""
+
+    def __init__(self, dim: int = 64, rho: float = 0.9):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.W = nn.Parameter(_orth_scaled(dim, rho, gen).float())
+        self.U = nn.Parameter((torch.randn(dim, dim, dtype=DT, generator=gen) / dim ** 0.5).float())
+
+    def forward(self, z, x):
+        # Back to the state's dtype, as a LayerNorm (float32 under autocast) would do.
+        return torch.tanh(z @ self.W.T + x @ self.U.T).to(z.dtype)
+
+
+def _autocast_grad(layer, x, dtype):
+    with torch.autocast("cpu", dtype=dtype):
+        z = layer(x)
+    assert z.dtype == torch.float32
+    (gW,) = _grads(z.pow(2).sum(), (layer.f.W,))
+    return gW.double()
+
+
+@pytest.mark.parametrize("dtype,unit", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)], ids=["bf16", "fp16"])
+def test_autocast_backward_stops_at_the_dtypes_default_tol_as_accurate_as_at_its_floor(dtype, unit):
+    """At tol 1e-6 the bf16/fp16 adjoint stalls near 1e-4/1e-5, runs to its cap and warns; the gradient is no better.
+
+    Measured here: 6-8 iterations at the default tol against 200, gradient errors
+    against float64 within 18% of those at the floor (bf16 8.5e-3 vs 7.2e-3,
+    fp16 1.0e-3 vs 0.9e-3).
+    """
+    cell = _Float32Cell()
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    ref_cell = copy.deepcopy(cell).double()
+    ref_z = DEQLayer(ref_cell, backward=Implicit(tol=1e-12, max_iter=100), tol=1e-12, max_iter=100)(x.double())
+    (ref,) = _grads(ref_z.pow(2).sum(), (ref_cell.W,))
+
+    layer = DEQLayer(cell, backward=Implicit(), tol=unit, max_iter=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        at_default = _autocast_grad(layer, x, dtype)
+    assert not [w for w in caught if "did not converge" in str(w.message)]
+    bwd = layer.last_result.backward
+    assert bwd.tol == unit and bool(bwd.converged.all()) and bwd.n_iter < 20
+
+    layer.backward = Implicit(tol=1e-6, max_iter=200)  # the old default: unreachable
+    with pytest.warns(RuntimeWarning, match="backward solve .* did not converge"):
+        at_floor = _autocast_grad(layer, x, dtype)
+    assert layer.last_result.backward.n_iter == 200
+    err_default, err_floor = (float((g - ref).norm() / ref.norm()) for g in (at_default, at_floor))
+    assert err_default <= 1.3 * err_floor and err_default < 20 * unit
+
+
+def test_default_tol_follows_the_state_dtype_and_an_explicit_tol_wins():
+    cell = TanhCell()
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-6), (torch.bfloat16, 2.0 ** -8)):
+        layer = DEQLayer(copy.deepcopy(cell).to(dtype), solver=FixedPoint(), backward=Implicit(), tol=1e-2,
+                         max_iter=100)
+        layer(_x(3, 5).to(dtype)).float().sum().backward()
+        assert layer.last_result.backward.tol == tol, dtype
+    layer = DEQLayer(copy.deepcopy(cell).float(), solver=FixedPoint(), backward=Implicit(tol=1e-3), tol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = layer(_x(3, 5).float())
+    z.sum().backward()
+    assert layer.last_result.backward.tol == 1e-3

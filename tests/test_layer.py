@@ -5,13 +5,16 @@ Gradients themselves are checked in test_grad.py; here the layer's contract.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from deq import JFB, NPG, UPG, ConvergenceError, DEQLayer, FixedPoint, Implicit
+from deq import JFB, NPG, UPG, ConvergenceError, DEQLayer, FixedPoint, Implicit, SolverResult
+from deq.layer import Counts, SolveCounts
 from deq.reg import jacobian_reg
 
 DT = torch.float64
@@ -255,19 +258,70 @@ def test_forward_nonconvergence_raises():
         _stuck("raise")(_x())
 
 
-def test_forward_nonconvergence_warns_once_with_the_residual():
+def test_forward_nonconvergence_warns_on_the_1st_2nd_4th_8th_failure_with_the_residual_and_counts():
     layer = _stuck("warn")
     with pytest.warns(RuntimeWarning, match="did not converge") as record:
         layer(_x())
     worst = float(layer.last_result.residual.max())
     assert f"max residual {worst:.3g}" in str(record[0].message)
+    assert "So far 1 of 1 forward solves failed (layer.counts.forward)" in str(record[0].message)
+    shown = []
+    for call in range(2, 11):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if call == 6:
+                layer.max_iter = 500  # this one converges: counted as a call, not a failure
+            layer(_x())
+            layer.max_iter = 3
+        shown += [(call, str(w.message)) for w in caught]
+    assert [call for call, _ in shown] == [2, 4, 9]  # failures 2, 4 and 8 (call 6 did not fail)
+    assert "So far 8 of 9 forward solves failed" in shown[-1][1]
+    assert layer.counts.forward == SolveCounts(calls=10, failed=9, diverged=0)
+    layer.reset_counts()
+    assert layer.counts == Counts()
+    with pytest.warns(RuntimeWarning, match="So far 1 of 1 forward"):
+        layer(_x())
+
+
+def test_forward_and_backward_warnings_are_separate():
+    """Once the forward had warned, every failing backward solve used to be silent."""
+    layer = DEQLayer(TanhCell(rho=0.95), solver=FixedPoint(), backward=Implicit(solver=FixedPoint(), max_iter=2),
+                     tol=1e-12, max_iter=3)
+    for call in (1, 2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer(_x(requires_grad=True)).sum().backward()
+        stages = [str(w.message).split()[1] for w in caught]
+        assert stages == ["forward", "backward"], call
+        assert all(f"So far {call} of {call}" in str(w.message) for w in caught)
+    assert layer.counts.forward.failed == layer.counts.backward.failed == 2
+
+
+def test_nonconvergence_warnings_point_at_the_users_line():
+    """Not at torch/nn/modules/module.py (forward) or deq/grad/implicit.py (backward)."""
+    layer = DEQLayer(TanhCell(rho=0.95), solver=FixedPoint(), backward=Implicit(solver=FixedPoint(), max_iter=2),
+                     tol=1e-12, max_iter=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        layer(_x())
-        layer(_x())
-    assert not caught
+        line = sys._getframe().f_lineno + 1
+        z = layer(_x(requires_grad=True))
+        z.sum().backward()
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, line), (__file__, line + 1)]
 
 
+def test_counts_are_kept_under_every_policy():
+    for policy in ("ignore", "warn", "raise"):
+        layer = _stuck(policy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                layer(_x())
+            except ConvergenceError:
+                pass
+        assert layer.counts.forward == SolveCounts(calls=1, failed=1, diverged=0), policy
+    layer = DEQLayer(TanhCell(), tol=1e-8, on_nonconvergence="raise")
+    layer(_x())
+    assert layer.counts.forward == SolveCounts(calls=1, failed=0, diverged=0)
 def test_forward_nonconvergence_ignored():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -323,6 +377,31 @@ def test_dropout_off_in_eval_and_variational_in_unrolled_mode():
     layer(x)
     assert len(cell.masks) == 5 and all(torch.equal(m, cell.masks[0]) for m in cell.masks)
     assert not bool(cell.masks[0].all())
+
+
+class MCDropCell(DropCell):
+    """Dropout kept on in eval (Monte Carlo dropout): F.dropout(training=True)."""
+
+    def forward(self, z, x):
+        out = F.dropout(torch.tanh(self.pre(z, x)), self.p, training=True)
+        self.masks.append(out.detach() != 0)
+        return out
+
+
+def test_mc_dropout_in_eval_keeps_one_mask_per_call():
+    """fix_rng replays in eval too: 31 calls of f drew 31 masks and the solve never converged."""
+    torch.manual_seed(4)
+    cell = MCDropCell(p=0.4, rho=0.4)
+    layer = DEQLayer(cell, solver=FixedPoint(), tol=1e-10, max_iter=100).eval()
+    with torch.no_grad():
+        layer(_x(4, 5))
+    assert bool(layer.last_result.converged.all()) and len(cell.masks) > 10
+    first = cell.masks[0]
+    assert 0 < int(first.sum()) < first.numel() and all(torch.equal(m, first) for m in cell.masks)
+    cell.masks.clear()
+    with torch.no_grad():
+        layer(_x(4, 5))
+    assert not torch.equal(cell.masks[0], first) and all(torch.equal(m, cell.masks[0]) for m in cell.masks)
 
 
 def test_without_fix_rng_every_call_of_f_draws_a_new_mask():
@@ -450,3 +529,153 @@ def test_jacobian_reg_argument_is_checked():
         with pytest.raises(ValueError, match="jac_reg"):
             layer(_x(), jac_reg=bad)
     assert isinstance(layer(_x(), jac_reg=0), torch.Tensor)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg", "upg", "jfb"])
+def test_empty_batch_gives_empty_output_and_zero_gradients(backward):
+    cell = TanhCell()
+    layer = DEQLayer(cell, backward=backward, tol=1e-8)
+    x = torch.zeros(0, 5, dtype=DT, requires_grad=True)
+    z = layer(x)
+    assert z.shape == (0, 5) and layer.last_result.n_iter == 0
+    z.sum().backward()
+    assert x.grad.shape == (0, 5) and all(p.grad is None or p.grad.abs().sum() == 0 for p in cell.parameters())
+
+
+def test_atol_reaches_the_solve_in_both_modes():
+    layer = DEQLayer(lambda z, x: 0.5 * z + x, solver=FixedPoint(), tol=1e-12, atol=1e-3, max_iter=200,
+                     eval_max_iter=200)
+    x = torch.full((2, 3), 1e-6, dtype=DT)  # z* = 2e-6: tiny, so ||g|| <= atol from the start
+    layer(x)
+    assert layer.last_result.atol == 1e-3 and layer.last_result.n_iter == 1
+    layer.eval()
+    layer(x)
+    assert layer.last_result.n_iter == 1
+    with pytest.raises(ValueError, match="atol"):
+        DEQLayer(lambda z, x: z, atol=-1.0)
+
+
+# ---------------------------------------------------------------------------
+# Active set: compact=...
+
+
+class RowCell(nn.Module):
+    """f(z, (x, scale)) = tanh(z W^T + x U^T) * scale: per-sample data in a tuple x."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = TanhCell(rho=0.9)
+
+    def forward(self, z, x):
+        inp, scale = x
+        return self.cell(z, inp) * scale
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg", "upg"])
+def test_compact_layer_equals_the_full_batch_forward_and_gradients(backward):
+    cell = RowCell()
+    x = _x(batch=6, requires_grad=True)
+    scale = torch.linspace(0.2, 1.0, 6, dtype=DT)[:, None]  # samples converge at different speeds
+    results = []
+    for compact in (False, 1.0):
+        layer = DEQLayer(cell, solver="anderson", backward=backward, tol=1e-10, max_iter=100, compact=compact)
+        z = layer((x, scale), torch.zeros(6, 5, dtype=DT))
+        grads = _params_and_x_grads((z * torch.arange(5, dtype=DT)).sum(), cell, x)
+        results.append((z.detach(), grads, layer.last_result))
+    (z_full, g_full, r_full), (z_c, g_c, r_c) = results
+    torch.testing.assert_close(z_c, z_full, rtol=0, atol=1e-12)
+    _assert_all_close(g_c, g_full, tol=1e-9)
+    assert torch.equal(r_c.nstep, r_full.nstep)
+    assert r_c.rows == int(r_c.nstep.sum()) < r_full.rows
+
+
+def test_compact_refuses_an_f_that_draws_random_numbers():
+    layer = DEQLayer(DropCell(p=0.3), tol=1e-8, max_iter=50, compact=True)
+    with pytest.raises(ValueError, match="random numbers"):
+        layer(_x())
+    layer.eval()  # no dropout: allowed
+    layer(_x())
+
+
+def test_compact_checks_that_x_is_batch_first():
+    layer = DEQLayer(lambda z, x: torch.tanh(z + x[0] + x[1]), tol=1e-8, compact=True)
+    with pytest.raises(ValueError, match=r"x\[1\].*shape \(5,\)"):
+        layer((torch.zeros(3, 5), torch.zeros(5)), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="compact"):
+        DEQLayer(lambda z, x: z, compact=2.0)
+    with pytest.raises(ValueError, match="check_every"):
+        DEQLayer(lambda z, x: z, check_every=0)
+
+
+def test_check_every_reaches_the_solve():
+    layer = DEQLayer(TanhCell(rho=0.9), solver="anderson", tol=1e-10, max_iter=100)
+    x = _x()
+    layer(x)
+    one = layer.last_result
+    layer.check_every = 5
+    layer(x)
+    assert torch.equal(layer.last_result.nstep, one.nstep) and layer.last_result.n_iter >= one.n_iter
+    assert layer.last_result.n_iter % 5 == 0 or layer.last_result.n_iter == 100
+
+
+# ---------------------------------------------------------------------------
+# torch.func, last_result, its repr
+
+
+def test_torch_func_transforms_raise_a_clear_error():
+    layer = DEQLayer(TanhCell(), tol=1e-8)
+    x = _x()
+    message = "DEQLayer does not support torch.func transforms"
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.vmap(layer)(x[:, None])
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.grad(lambda x: layer(x).sum())(x)
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.jacrev(layer)(x)
+    # functional_call is not a transform: plain autograd through it works
+    params = {name: p.detach().clone().requires_grad_() for name, p in layer.named_parameters()}
+    z = torch.func.functional_call(layer, params, (x,))
+    (gW,) = torch.autograd.grad(z.sum(), params["f.W"])
+    assert gW.abs().sum() > 0
+
+
+def test_last_result_gets_its_backward_in_place():
+    layer = DEQLayer(TanhCell(), tol=1e-8)
+    x = _x(requires_grad=True)
+    z1 = layer(x)
+    first = layer.last_result  # a reference taken after the forward
+    z2 = layer(2 * x)
+    second = layer.last_result
+    assert first is not second and first.backward is None
+    z1.sum().backward()
+    assert first.backward is not None and second.backward is None  # each call's own result
+    z2.sum().backward()
+    assert layer.last_result is second and second.backward is not None
+    assert bool(first.backward.converged.all()) and not first.backward.z.requires_grad
+
+
+def test_repr_of_last_result_is_one_short_line():
+    layer = DEQLayer(lambda z, x: torch.tanh(0.5 * z + x), solver=FixedPoint(), tol=1e-6, max_iter=100)
+    x = torch.randn(256, 64, dtype=DT, requires_grad=True)
+    z = layer(x)
+    res = layer.last_result
+    text = repr(res)
+    summary = res.summary()
+    assert "\n" not in text and len(text) < 200
+    assert text.startswith(f"SolverResult(fixed_point, batch 256, n_iter {res.n_iter}, nstep mean "
+                           f"{summary['nstep_mean']:.3g} max {int(summary['nstep_max'])}, max residual "
+                           f"{summary['residual_max']:.3g} (tol 1e-06, rel), converged 256/256, rows {res.rows}")
+    z.sum().backward()
+    text = repr(res)
+    assert "\n" not in text and len(text) < 400
+    assert ", backward=SolverResult(anderson, batch 256, " in text
+    assert text.endswith(f"converged 256/256, rows {res.backward.rows}))")
+    empty = SolverResult(z=torch.zeros(0, 3), nstep=torch.zeros(0, dtype=torch.int64), residual=torch.zeros(0),
+                         converged=torch.zeros(0, dtype=torch.bool), trace=torch.zeros(1, 0),
+                         best_step=torch.zeros(0, dtype=torch.int64), n_iter=1, solver="anderson", stop_mode="rel",
+                         tol=1e-4)
+    assert repr(empty) == "SolverResult(anderson, batch 0, n_iter 1)"
+    layer = DEQLayer(lambda z, x: torch.tanh(0.5 * z + x), tol=1e-6, atol=1e-9, compact=True)
+    layer(x)
+    text = repr(layer.last_result)
+    assert "(tol 1e-06, atol 1e-09, rel)" in text and text.endswith(f", rows {layer.last_result.rows})")

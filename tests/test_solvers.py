@@ -135,6 +135,17 @@ class Counting:
         return self.f(z)
 
 
+def state_tensors(state) -> list[torch.Tensor]:
+    """The tensors a solver state holds (dataclass fields, recursively; views excluded)."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for v in state for t in state_tensors(v)]
+    if dataclasses.is_dataclass(state):
+        return [t for fld in dataclasses.fields(state) if fld.init for t in state_tensors(getattr(state, fld.name))]
+    return []
+
+
 class Spy(Solver):
     """Delegates to a solver and records what the loop hands it (dtypes, state shapes)."""
 
@@ -145,20 +156,20 @@ class Spy(Solver):
 
     def _record(self, state, z):
         self.dtypes.add(z.dtype)
-        tensors = state.values() if isinstance(state, dict) else (state if isinstance(state, tuple) else [state])
-        self.state_shapes.add(tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor)))
-        self.state_bytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        tensors = state_tensors(state)
+        self.state_shapes.add(tuple(tuple(t.shape) for t in tensors))
+        self.state_bytes = sum(t.numel() * t.element_size() for t in tensors)
 
-    def init(self, z, fz):
-        state = self.inner.init(z, fz)
-        self._record(state, z)
+    def init(self, it):
+        state = self.inner.init(it)
+        self._record(state, it.z)
         return state
 
-    def step(self, state, z, fz, active, evaluate):
+    def step(self, state, it, active, evaluate):
         self.steps += 1
-        state, z, fz = self.inner.step(state, z, fz, active, evaluate)
+        state, z, fz, g = self.inner.step(state, it, active, evaluate)
         self._record(state, z)
-        return state, z, fz
+        return state, z, fz, g
 
 
 # ----------------------------------------------------------------------------
@@ -273,10 +284,10 @@ def test_line_search_backtracks_on_the_counting_problem():
     """The counting test above does exercise the line search: trials are rejected and halved."""
 
     class TrialSpy(Spy):
-        def step(self, state, z, fz, active, evaluate):
-            state, z, fz = super().step(state, z, fz, active, evaluate)
-            self.max_trials = max(getattr(self, "max_trials", 0), int(state["trials"].max()))
-            return state, z, fz
+        def step(self, state, it, active, evaluate):
+            state, z, fz, g = super().step(state, it, active, evaluate)
+            self.max_trials = max(getattr(self, "max_trials", 0), int(state.search.trials.max()))
+            return state, z, fz, g
 
     prob = SPDRoot(batch=3, top=6.0, nonlin=2.0)
     spy = TrialSpy(Broyden(line_search=True))
@@ -304,17 +315,36 @@ def test_converged_sample_stops_changing(solver):
 
 @solver_param
 def test_returns_best_iterate(solver):
+    """No iterate passes the test: the one with the smallest ||f(z) - z|| is returned, and its residual."""
     # Divergent plain iteration: FixedPoint's best iterate is z0 itself.
     prob = SPDRoot(top=3.0)
-    res = solve(prob.f, prob.z0, solver=solver, tol=1e-14, max_iter=6)
+    calls = Counting(prob.f)
+    res = solve(calls, prob.z0, solver=solver, tol=1e-14, max_iter=6)
     fz = prob.f(res.z)
     torch.testing.assert_close(res.residual, residual(res.z, fz, "rel"), rtol=1e-12, atol=0)
-    assert (res.residual <= res.trace.min(dim=0).values).all()
-    assert (res.best_step < res.n_iter).all()
+    iterates = torch.stack(calls.inputs)  # (n_iter, B, D): every point f was called at
+    abs_res = torch.stack([residual(z, prob.f(z), "abs") for z in calls.inputs])
+    assert torch.equal(res.best_step, abs_res.argmin(dim=0))
+    for b in range(3):
+        assert torch.equal(res.z[b], iterates[res.best_step[b], b])
+    assert (res.best_step < res.n_iter).all() and not res.converged.any()
     if get_solver(solver).name == "fixed_point" and get_solver(solver).damping == 1.0:
         assert torch.equal(res.best_step, torch.zeros(3, dtype=torch.int64))
         assert torch.equal(res.z, prob.z0)
         assert res.trace[-1].min() > res.trace[0].max()  # the last iterate is worse
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", FixedPoint(damping=0.7)], ids=_id)
+def test_diverging_rel_solve_never_returns_its_most_diverged_iterate(solver):
+    """f(z) = 1.5 z + x: the relative residual of the run-away iterate falls towards 1/3 while
+    ||f(z) - z|| grows; ordering by the relative residual would return the last (worst) iterate."""
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.25]], dtype=F64)
+    res = solve(lambda z: 1.5 * z + x, torch.zeros(2, 2, dtype=F64), solver=solver, tol=1e-6, max_iter=50)
+    assert not res.converged.any()
+    assert res.trace[-1].max() < res.trace[0].min()  # the relative residual did fall...
+    assert torch.equal(res.best_step, torch.zeros(2, dtype=torch.int64))  # ...but z0 is returned
+    assert torch.equal(res.z, torch.zeros(2, 2, dtype=F64))
+    torch.testing.assert_close(res.residual, torch.ones(2, dtype=F64))  # ||x|| / ||x||: honest
 
 
 @solver_param
@@ -521,9 +551,9 @@ def test_broyden_memory_does_not_grow_with_max_iter():
         sizes[max_iter] = (spy.state_shapes, spy.state_bytes, spy.steps)
     assert sizes[10][2] < sizes[1000][2]
     assert sizes[10][0] == sizes[1000][0] and sizes[10][1] == sizes[1000][1]
-    # 2 * memory (B, D) float64 rows for the terms, a few (B, D) work vectors, the small mask.
+    # Broyden's docstring: (2 memory + 11) B D + 6 memory B float64 numbers (terms, work vectors, mask).
     batch, dim, memory = 2, 6, 4
-    assert sizes[10][1] <= (2 * memory + 12) * batch * dim * 8 + 4 * memory * batch * 8
+    assert sizes[10][1] == ((2 * memory + 11) * batch * dim + 6 * memory * batch) * 8
 
 
 def test_broyden_restarts_when_memory_is_full():
@@ -642,14 +672,15 @@ class _Overflowing(Solver):
 
     name = "overflowing"
 
-    def init(self, z, fz):
+    def init(self, it):
         return 0
 
-    def step(self, state, z, fz, active, evaluate):
-        z_new = fz.clone()
+    def step(self, state, it, active, evaluate):
+        z_new = it.fz.clone()
         if state == 1:
             z_new[1] = math.inf
-        return state + 1, z_new, evaluate(z_new, active)
+        fz = evaluate(z_new, active)
+        return state + 1, z_new, fz, fz - z_new
 
 
 @pytest.mark.parametrize("stop_mode", ["rel", "abs"])
@@ -789,3 +820,344 @@ def test_anderson_restarts_instead_of_cycling_on_a_transformer_block():
     with torch.no_grad():
         model(x, y)
     assert model.deq.last_result.converged.all()
+
+
+# ----------------------------------------------------------------------------
+# The stop test ||f(z) - z|| <= atol + rtol ||f(z)||.
+
+def _scipy_F(z):
+    """SciPy's nonlin test problem F (test_nonlin.py): root x = 0 of -d x - c (x.x) x."""
+    d = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5], dtype=z.dtype)
+    return -d * z - 0.01 * (z * z).sum(dim=1, keepdim=True) * z
+
+
+def _scipy_F2(z):
+    """SciPy's nonlin test problem F2: root x = 0 of x."""
+    return z
+
+
+@pytest.mark.parametrize("problem,x0", [(_scipy_F, [1.0] * 5), (_scipy_F2, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])],
+                         ids=["F", "F2"])
+@pytest.mark.parametrize("solver", ["broyden", "anderson"])
+def test_root_at_zero_converges_with_atol_and_in_abs_mode(problem, x0, solver):
+    """z* = 0: ||f(z)|| -> ||f(z*)|| = 0 with ||g||, so the plain relative test has no scale to reach."""
+    z0 = torch.tensor([x0], dtype=F64)
+    f = lambda z: z + problem(z)  # noqa: E731 - the root of problem() as a fixed point
+    absolute = solve(f, z0, solver=solver, tol=1e-9, max_iter=200, stop_mode="abs")
+    mixed = solve(f, z0, solver=solver, tol=1e-6, atol=1e-9, max_iter=200, stop_mode="rel")
+    for res in (absolute, mixed):
+        assert res.converged.all() and res.n_iter < 60, (res.n_iter, res.residual)
+        assert float(torch.linalg.vector_norm(problem(res.z))) <= 1e-9
+    assert mixed.atol == 1e-9 and absolute.atol == 0.0
+    plain = solve(f, z0, solver=solver, tol=1e-6, max_iter=200, stop_mode="rel")
+    if not plain.converged.all():  # the ill-posed case the atol term is for
+        assert plain.n_iter == 200
+
+
+@pytest.mark.parametrize("atol", [0.0, 0.05])
+def test_each_sample_stops_at_the_first_iterate_that_passes_the_test(atol):
+    prob = TanhNet(rho=(0.3, 0.6, 0.9, 0.95))
+    calls = Counting(prob.f)
+    tol = 1e-3
+    res = solve(calls, prob.z0, solver="fixed_point", tol=tol, atol=atol, max_iter=300)
+    for b in range(4):
+        passed = [float(torch.linalg.vector_norm(prob.f(z)[b] - z[b])) <=
+                  atol + tol * float(torch.linalg.vector_norm(prob.f(z)[b])) for z in calls.inputs]
+        first = passed.index(True)
+        assert res.nstep[b] == first + 1 and res.best_step[b] == first and res.converged[b]
+    plain = solve(prob.f, prob.z0, solver="fixed_point", tol=tol, max_iter=300)
+    if atol:
+        assert (res.nstep < plain.nstep).any()  # the atol term stops some samples earlier
+    else:
+        assert torch.equal(res.nstep, plain.nstep)
+
+
+def test_converged_with_atol_may_report_a_relative_residual_above_tol():
+    """Reported: the relative residual; converged: the atol + rtol test. Both are honest."""
+    res = solve(lambda z: 0.5 * z, torch.ones(1, 3, dtype=F64), solver="fixed_point", tol=1e-3, atol=1e-4,
+                max_iter=100)
+    assert res.converged.all()
+    assert float(res.residual) == 1.0  # ||0.5 z - z|| / ||0.5 z|| = 1 at every z != 0
+    z = res.z
+    assert float(torch.linalg.vector_norm(0.5 * z - z)) <= 1e-4
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(atol=-1e-3), "atol"), (dict(atol=float("nan")), "atol"), (dict(atol=float("inf")), "atol"),
+    (dict(atol=1e-6, stop_mode="abs"), "atol.*stop_mode='rel'"),
+])
+def test_invalid_atol(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        solve(torch.cos, torch.zeros(1, 1), **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Shapes, layouts and magnitudes that used to break the loop.
+
+@solver_param
+def test_empty_batch_returns_an_empty_result_without_calling_f(solver):
+    calls = Counting(torch.cos)
+    for z0 in (torch.zeros(0, 3, dtype=F64), (torch.zeros(0, 2, 2, dtype=F64), torch.zeros(0, 5, dtype=F64))):
+        res = solve(calls, z0, solver=solver)
+        assert calls.calls == 0
+        parts = res.z if isinstance(res.z, tuple) else (res.z,)
+        assert [p.shape for p in parts] == [p.shape for p in (z0 if isinstance(z0, tuple) else (z0,))]
+        assert res.nstep.shape == res.residual.shape == res.converged.shape == (0,) and res.n_iter == 0
+        assert res.summary()["converged_frac"] != res.summary()["converged_frac"]  # NaN: no samples
+
+
+@solver_param
+def test_tuple_parts_reach_f_contiguous(solver):
+    """f may .view() its parts, as it could view the contiguous parts of z0."""
+    def f(state):
+        h, c = state
+        return torch.tanh(0.5 * h.view(h.shape[0], -1)).view(h.shape), torch.cos(c.view(-1)).view(c.shape)
+
+    z0 = (torch.zeros(3, 2, 4, dtype=F64), torch.zeros(3, 5, dtype=F64))
+    res = solve(f, z0, solver=solver, tol=1e-10, max_iter=100)
+    assert res.converged.all() and all(p.is_contiguous() for p in res.z)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_channels_last_z0_stays_channels_last(solver):
+    seen = []
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1).double()
+    torch.nn.init.normal_(conv.weight, std=0.05)
+
+    def f(z):
+        seen.append(z.is_contiguous(memory_format=torch.channels_last))
+        with torch.no_grad():
+            return torch.tanh(conv(z) + 0.3)
+
+    z0 = torch.zeros(2, 3, 5, 4, dtype=F64).to(memory_format=torch.channels_last)
+    res = solve(f, z0, solver=solver, tol=1e-10, max_iter=100)
+    assert res.converged.all() and all(seen)
+    assert res.z.is_contiguous(memory_format=torch.channels_last)
+    plain = solve(f, z0.contiguous(), solver=solver, tol=1e-10, max_iter=100)
+    torch.testing.assert_close(res.z, plain.z, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_large_finite_float32_states_are_not_reported_non_finite(solver, stop_mode):
+    """Entries near 1e30: their squares overflow float32 (3.4e38), their norms do not.
+
+    (Broyden forms inner products of the state itself; see its docstring for the limit.)"""
+    scale = 1e30
+    c = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]]) * scale
+    tol = 1e-5 if stop_mode == "rel" else 1e-5 * scale
+    res = solve(lambda z: 0.5 * z + c, torch.zeros(2, 3), solver=solver, tol=tol, max_iter=200,
+                stop_mode=stop_mode)
+    assert res.converged.all() and torch.isfinite(res.residual).all()
+    torch.testing.assert_close(res.z, 2 * c, rtol=1e-4, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# Mixed precision: the solver under autocast keeps float32 state.
+
+@solver_param
+def test_solvers_under_cpu_bf16_autocast_keep_float32_state(solver):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    x = torch.randn(3, 16)
+    dtypes = set()
+
+    def f(z):
+        dtypes.add(z.dtype)
+        return torch.tanh(lin(z) + x)  # lin(z) is bf16 under autocast; + x promotes to float32
+
+    def f_bf16(z):
+        return lin(z)  # stays bf16
+
+    spy = Spy(get_solver(solver))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = solve(f, torch.zeros(3, 16), solver=spy, tol=1e-2, max_iter=60)
+        res_bf16 = solve(f_bf16, torch.zeros(3, 16), solver=solver, tol=1e-2, max_iter=60)
+    assert spy.dtypes == {torch.float32} and dtypes == {torch.float32}
+    assert res.z.dtype == torch.float32 and res.residual.dtype == torch.float32
+    assert res.converged.all() and torch.isfinite(res.z).all()
+    assert res_bf16.z.dtype == torch.float32 and torch.isfinite(res_bf16.z).all()
+    exact = solve(f, torch.zeros(3, 16), solver="fixed_point", tol=1e-6, max_iter=200).z
+    assert float((res.z - exact).abs().max()) < 0.05  # bf16 f: about 3 significant digits
+
+
+def test_f_returning_another_dtype_is_still_an_error_without_autocast():
+    with pytest.raises(ValueError, match="bfloat16"):
+        solve(lambda z: z.to(torch.bfloat16), torch.zeros(2, 3))
+
+
+# ----------------------------------------------------------------------------
+# Active set (compact=...): f runs only on the rows still iterating.
+
+def _rowwise(prob):
+    """prob's f in the compact calling convention f(z, rows)."""
+    return lambda z, rows: prob.f_for(slice(None) if rows is None else rows)(z)
+
+
+def _assert_same_result(a: SolverResult, b: SolverResult, atol=1e-12):
+    torch.testing.assert_close(a.z, b.z, rtol=0, atol=atol)
+    assert torch.equal(a.nstep, b.nstep) and torch.equal(a.converged, b.converged)
+    assert torch.equal(a.best_step, b.best_step)
+    torch.testing.assert_close(a.residual, b.residual, rtol=1e-8, atol=1e-15)
+
+
+@solver_param
+@pytest.mark.parametrize("compact", [True, 1.0, 0.5])
+def test_compact_equals_the_full_batch(solver, compact):
+    prob = TanhNet(batch=6, rho=(0.1, 0.3, 0.6, 0.8, 0.9, 0.97), seed=3)
+    full = solve(prob.f, prob.z0, solver=solver, tol=1e-9, max_iter=300)
+    res = solve(_rowwise(prob), prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact)
+    _assert_same_result(res, full)
+    torch.testing.assert_close(res.trace, full.trace, rtol=1e-8, atol=1e-15)
+    assert full.rows == full.n_iter * 6
+    assert res.rows < full.rows or (compact == 0.5 and res.rows == full.rows)  # 0.5 may never be reached
+
+
+@solver_param
+def test_compact_at_threshold_one_processes_exactly_the_rows_needed_alone(solver):
+    prob = TanhNet(batch=6, rho=(0.1, 0.3, 0.6, 0.8, 0.9, 0.97), seed=3)
+    alone = sum(int(r.nstep) for r in _solve_each(prob, solver, tol=1e-9, max_iter=300))
+    res = solve(_rowwise(prob), prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=1.0)
+    assert res.rows == int(res.nstep.sum()) == alone
+
+
+def test_compact_hands_f_the_batch_indices_of_its_rows():
+    prob = Affine(batch=4, rho=(0.2, 0.9, 0.5, 0.95))
+    seen = []
+
+    def f(z, rows):
+        seen.append(None if rows is None else rows.tolist())
+        return prob.f_for(slice(None) if rows is None else rows)(z)
+
+    res = solve(f, prob.z0, solver="fixed_point", tol=1e-10, max_iter=500, compact=1.0)
+    torch.testing.assert_close(res.z, prob.z_star, rtol=0, atol=1e-8)
+    assert seen[0] is None
+    shrinking = [r for r in seen if r is not None]
+    assert shrinking[-1] == [3] and all(r == sorted(r) for r in shrinking)
+    assert all(set(b) <= set(a) for a, b in zip(shrinking, shrinking[1:]))
+
+
+@solver_param
+def test_compact_with_tuple_state_and_bf16(solver):
+    gen = torch.Generator().manual_seed(4)
+    W = 0.5 * torch.randn(4, 7, 7, generator=gen, dtype=F64) / math.sqrt(7)
+    W[0] *= 0.1
+    u = torch.randn(4, 7, generator=gen, dtype=F64)
+
+    def f(z, rows=None):
+        h, c = z
+        sel = slice(None) if rows is None else rows
+        flat = torch.cat([h.reshape(h.shape[0], 4), c], dim=1).double()
+        out = torch.tanh((W[sel] @ flat[:, :, None]).squeeze(2) + u[sel])
+        return out[:, :4].reshape(h.shape).to(h.dtype), out[:, 4:].to(c.dtype)
+
+    for dtype in (F64, torch.bfloat16):
+        z0 = (torch.zeros(4, 2, 2, dtype=dtype), torch.zeros(4, 3, dtype=dtype))
+        tol = 1e-10 if dtype == F64 else 1e-2
+        full = solve(lambda z: f(z), z0, solver=solver, tol=tol, max_iter=200)
+        res = solve(f, z0, solver=solver, tol=tol, max_iter=200, compact=1.0)
+        for a, b in zip(res.z, full.z):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9 if dtype == F64 else 0)
+        assert torch.equal(res.nstep, full.nstep) and res.rows < full.rows
+
+
+def test_compact_non_finite_names_the_batch_index_and_keeps_the_others_results():
+    prob = TanhNet(batch=4, rho=(0.1, 0.2, 0.3, 0.97))
+    calls = [0]
+
+    def f(z, rows):
+        calls[0] += 1
+        out = prob.f_for(slice(None) if rows is None else rows)(z)
+        if calls[0] == 20:  # samples 0-2 stop after 11-14 calls: only sample 3 is left
+            out[-1] = float("nan")
+        return out
+
+    with pytest.raises(NonFiniteError, match=r"samples \[3\]") as err:
+        solve(f, prob.z0, solver="fixed_point", tol=1e-12, max_iter=300, compact=1.0)
+    partial = err.value.result
+    alone = solve(prob.f, prob.z0, solver="fixed_point", tol=1e-12, max_iter=300)
+    assert err.value.samples == [3] and err.value.step == 19
+    assert partial.converged[:3].all() and not partial.converged[3]
+    torch.testing.assert_close(partial.z[:3], alone.z[:3], rtol=0, atol=1e-14)
+    assert torch.isfinite(partial.z).all()
+
+
+@pytest.mark.parametrize("compact", [0.0, -0.5, 1.5, "yes", None])
+def test_invalid_compact(compact):
+    with pytest.raises(ValueError, match="compact"):
+        solve(lambda z, rows: torch.cos(z), torch.zeros(2, 1), compact=compact)
+
+
+def test_compact_needs_a_selectable_solver_state():
+    class DictState(Solver):
+        name = "dict_state"
+
+        def init(self, it):
+            return {"prev": it.z}
+
+        def step(self, state, it, active, evaluate):
+            z = it.z.lerp(it.fz, active.to(it.z.dtype)[:, None])
+            fz = evaluate(z, active)
+            return state, z, fz, fz - z
+
+    prob = TanhNet()
+    with pytest.raises(TypeError, match="dataclass"):
+        solve(_rowwise(prob), prob.z0, solver=DictState(), tol=1e-8, max_iter=200, compact=1.0)
+
+
+# ----------------------------------------------------------------------------
+# check_every=k: fewer host syncs, the same per-sample results.
+
+def _count_syncs(monkeypatch) -> list[str]:
+    syncs = []
+    for method in ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero"):
+        real = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _real=real, _name=method, **kwargs):
+            syncs.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return syncs
+
+
+@solver_param
+@pytest.mark.parametrize("every", [2, 3, 7])
+@pytest.mark.parametrize("compact", [False, 1.0])
+def test_check_every_k_gives_the_same_per_sample_results(solver, every, compact, monkeypatch):
+    prob = TanhNet(batch=6, rho=(0.1, 0.3, 0.6, 0.8, 0.9, 0.97), seed=3)
+    f = _rowwise(prob) if compact else prob.f
+    one = solve(f, prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact)
+    syncs = _count_syncs(monkeypatch)
+    res = solve(f, prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact, check_every=every)
+    monkeypatch.undo()
+    _assert_same_result(res, one, atol=0)
+    assert one.n_iter <= res.n_iter < one.n_iter + every
+    torch.testing.assert_close(res.trace[:one.n_iter], one.trace, rtol=0, atol=0)
+    # One sync per check (two more at the end), plus what compaction needs at a check.
+    checks = -(-res.n_iter // every) + 1
+    assert len(syncs) <= (3 if compact else 1) * checks + 2, (len(syncs), res.n_iter, syncs)
+
+
+def test_check_every_k_finds_a_non_finite_value_and_names_its_step():
+    prob = TanhNet(rho=0.9)
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        out = prob.f(z)
+        if calls[0] >= 5:
+            out[2] = float("nan")
+        return out
+
+    with pytest.raises(NonFiniteError, match=r"step 4 for samples \[2\]") as err:
+        solve(f, prob.z0, solver="anderson", tol=1e-14, max_iter=50, check_every=4)
+    assert torch.isfinite(err.value.result.z).all()
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, "sometimes", True])
+def test_invalid_check_every(every):
+    with pytest.raises(ValueError, match="check_every"):
+        solve(torch.cos, torch.zeros(2, 1), check_every=every)

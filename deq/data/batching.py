@@ -26,7 +26,7 @@ from typing import Iterator
 from torch import Tensor
 
 
-def batchify(ids: Tensor, batch_size: int) -> Tensor:
+def batchify(ids: Tensor, batch_size: int, *, name: str | None = None) -> Tensor:
     """Cut a 1-D id stream into ``batch_size`` contiguous rows.
 
     ``out[b] = ids[b * T : (b + 1) * T]`` with ``T = len(ids) // batch_size``;
@@ -35,6 +35,8 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
     Args:
         ids: ``(N,)`` token ids.
         batch_size: number of rows ``B``, at least 1.
+        name: what ``ids`` is, for error messages, e.g.
+            ``f"ptb valid split ({corpus.files['valid']})"``.
 
     Returns:
         ``(B, T)`` contiguous tensor (a view of ``ids`` when it is contiguous).
@@ -48,13 +50,15 @@ def batchify(ids: Tensor, batch_size: int) -> Tensor:
         tensor([[0, 1, 2],
                 [3, 4, 5]])
     """
+    where = "" if name is None else f"{name}: "
     if ids.dim() != 1:
-        raise ValueError(f"batchify expects a 1-D stream of ids, got shape {tuple(ids.shape)}")
+        raise ValueError(f"{where}batchify expects a 1-D stream of ids, got shape {tuple(ids.shape)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise ValueError(f"{where}batch_size must be an int >= 1, got {batch_size!r}")
     width = ids.numel() // batch_size
     if width == 0:
-        raise ValueError(f"cannot make {batch_size} rows from {ids.numel()} tokens")
+        raise ValueError(f"{where}cannot make {batch_size} rows from {ids.numel()} tokens "
+                         f"(use a batch size of at most {ids.numel()}, or more data)")
     return ids[: width * batch_size].reshape(batch_size, width).contiguous()
 
 
@@ -75,6 +79,7 @@ class Segments:
         data: ``(B, T)`` ids from :func:`batchify`, ``T >= 2``.
         tgt_len: target positions per segment, at least 1.
         start: index of the first segment to yield, ``0 <= start <= n_segments``.
+        name: what ``data`` is, for error messages (as in :func:`batchify`).
 
     Attributes:
         n_segments: segments in the whole stream, whatever ``start`` is.
@@ -89,9 +94,10 @@ class Segments:
         ...     ...                                             # doctest: +SKIP
     """
 
-    def __init__(self, data: Tensor, *, tgt_len: int, start: int = 0) -> None:
+    def __init__(self, data: Tensor, *, tgt_len: int, start: int = 0, name: str | None = None) -> None:
         if data.dim() != 2 or data.shape[1] < 2:
-            raise ValueError(f"Segments expects (B, T) data with T >= 2 (see batchify), "
+            where = "" if name is None else f"{name}: "
+            raise ValueError(f"{where}Segments expects (B, T) data with T >= 2 (see batchify), "
                              f"got shape {tuple(data.shape)}")
         if isinstance(tgt_len, bool) or not isinstance(tgt_len, int) or tgt_len < 1:
             raise ValueError(f"tgt_len must be an int >= 1, got {tgt_len!r}")

@@ -13,7 +13,10 @@ Tokenisation is the one every published PTB/WikiText number uses: each line is
 split on whitespace (``str.split()``, case kept) and ``<eos>`` is appended at
 the end of every line, so an empty line contributes exactly one ``<eos>``.
 Both corpora already map rare words to ``<unk>``; no other special token is
-added.
+added. Files are read as UTF-8. A file that is not UTF-8 text (Latin-1, or a
+binary file: one with a NUL byte in its first 8000 bytes, git's test) and a
+split without a single word are errors that name the corpus, the split and
+the file.
 
 The vocabulary is counted on the training split only. Its order is fixed:
 descending count, ties broken by first appearance in the counted files (read
@@ -35,24 +38,31 @@ file invalidates what was built from it. The cache is written atomically
 (temporary file, then ``os.replace``) and skipped silently when the directory
 is read-only (no write permission, or no write bit at all). Loaders running
 at the same time (e.g. one per DDP rank) are safe: each writes its own
-temporary file and the last rename wins. The samples are never cached: they
-tokenise in a fraction of a second.
+temporary file and the last rename wins. A temporary file that a killed loader
+left (``.deq-corpus-cache.pt.<pid>@<host>.<uuid>.tmp``) is removed by the next
+load once it is provably stale (see :mod:`deq.data._tempfiles`); a loader
+still writing keeps its own. The samples are never cached: they tokenise in a
+fraction of a second.
 """
 
 from __future__ import annotations
 
 import array
+import codecs
 import os
+import re
 import stat
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._tempfiles import hold_lock, owner_tag, remove_stale
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -60,6 +70,10 @@ SPLITS = ("train", "valid", "test")
 CACHE_NAME = "deq-corpus-cache.pt"
 # Bump when the tokenisation or the cache layout changes: old caches are then rebuilt.
 _CACHE_FORMAT = 1
+# The cache writer's temporary files; names without "@host" come from earlier versions.
+CACHE_TMP_PATTERN = re.compile(r"\." + re.escape(CACHE_NAME) + r"\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9.-]+))?"
+                               r"\.[0-9a-f]{32}\.tmp")
+_BINARY_PROBE = 8000  # bytes searched for a NUL, as git does to call a file binary
 
 
 @dataclass(frozen=True)
@@ -213,6 +227,8 @@ class Corpus:
         train, valid, test: ``(N,)`` int64 ids of the whole split, lines
             concatenated in file order with ``<eos>`` after each; ``None`` for a
             split that was not requested or that the corpus does not have.
+        files: split -> the file it was read from, for every split returned
+            (for error messages downstream, e.g. ``batchify(..., name=...)``).
     """
 
     name: str
@@ -220,6 +236,7 @@ class Corpus:
     train: Tensor | None = None
     valid: Tensor | None = None
     test: Tensor | None = None
+    files: Mapping[str, Path] = field(default_factory=dict, compare=False)
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={None if getattr(self, s) is None else getattr(self, s).numel()}"
@@ -255,16 +272,64 @@ class _Lookup(dict):
         return self.unk_id
 
 
+def _first_bad_utf8(path: Path) -> tuple[int, int, int]:
+    """(byte offset, line number, byte value) of the first byte of ``path`` that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                return offset + err.start, lines + chunk.count(b"\n", 0, err.start), chunk[err.start]
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+    return offset, lines, -1
+
+
+def _check_text(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(_BINARY_PROBE)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"{path} is a binary file, not a text corpus (a NUL byte at offset {nul}); "
+                         f"check that it is the right file")
+
+
+def _tokenise(path: Path, index: dict[str, int], what: str) -> np.ndarray:
+    """:func:`_read_ids`, with ``what`` (e.g. ``"ptb train split"``) in front of its error messages."""
+    try:
+        return _read_ids(path, index)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from err
+
+
 def _read_ids(path: Path, index: dict[str, int]) -> np.ndarray:
-    """Token ids of ``path`` through ``index`` (``<eos>`` after every line), as int32."""
+    """Token ids of ``path`` through ``index`` (``<eos>`` after every line), as int32.
+
+    Raises:
+        ValueError: ``path`` is binary, is not UTF-8, holds no word, or has a
+            token ``index`` refuses; the message names the file.
+    """
+    _check_text(path)
     ids = array.array("i")
     if ids.itemsize != 4:  # C int is 4 bytes on every platform torch supports; keep the dtype honest
         ids = array.array("l")
     extend, append, get = ids.extend, ids.append, index.__getitem__
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            extend(map(get, line.split()))
-            append(get(EOS))
+    lines = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lines, line in enumerate(f, 1):
+                extend(map(get, line.split()))
+                append(get(EOS))
+    except UnicodeDecodeError as err:
+        offset, line_no, byte = _first_bad_utf8(path)
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{byte:02x} at offset {offset} (line {line_no}) "
+                         f"is not valid UTF-8. Corpora are read as UTF-8; convert the file (e.g. "
+                         f"iconv -f latin1 -t utf-8) or check that it is the right file") from err
+    if len(ids) == lines:  # nothing but the <eos> of each line
+        size = path.stat().st_size
+        raise ValueError(f"{path} holds no word ({size} bytes, {lines} lines); a split cannot be empty")
     if ids.itemsize == 4:
         return np.frombuffer(ids, dtype=np.int32)  # no copy: the array keeps the buffer alive
     return np.frombuffer(ids, dtype=np.int64).astype(np.int32)
@@ -288,16 +353,21 @@ def _load_cache(path: Path) -> dict | None:
     return cache
 
 
+def _writable(directory: Path) -> bool:
+    # A directory without write bits is read-only by intent, even for root (who passes os.access).
+    return os.access(directory, os.W_OK) and bool(stat.S_IMODE(directory.stat().st_mode) & 0o222)
+
+
 def _save_cache(path: Path, cache: dict) -> None:
     directory = path.parent
-    # A directory without write bits is read-only by intent, even for root (who passes os.access).
-    if not os.access(directory, os.W_OK) or not stat.S_IMODE(directory.stat().st_mode) & 0o222:
+    if not _writable(directory):
         return
     # A unique name in the same directory (so os.replace is atomic), created with mode 0o666 so the
     # cache gets the user's umask like any other file, unlike tempfile.mkstemp's 0o600.
-    tmp = directory / f".{CACHE_NAME}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    tmp = directory / f".{CACHE_NAME}.{owner_tag()}.{uuid.uuid4().hex}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        hold_lock(fd)  # until the file is closed: a concurrent loader's clean-up leaves it alone
         with os.fdopen(fd, "wb") as f:
             torch.save(cache, f)
         os.replace(tmp, path)
@@ -308,10 +378,10 @@ def _save_cache(path: Path, cache: dict) -> None:
             tmp.unlink()
 
 
-def _build_vocab(paths: Sequence[Path]) -> tuple[Vocab, list[np.ndarray]]:
+def _build_vocab(paths: Sequence[Path], whats: Sequence[str]) -> tuple[Vocab, list[np.ndarray]]:
     """Count ``paths`` into a vocabulary ordered by (-count, first appearance); also return their ids."""
     first_seen = _FirstSeen()
-    raw = [_read_ids(p, first_seen) for p in paths]
+    raw = [_tokenise(p, first_seen, what) for p, what in zip(paths, whats)]
     n = len(first_seen)
     counts = np.zeros(n, dtype=np.int64)
     for r in raw:  # per file: no concatenated copy of a 100M-token train split
@@ -338,17 +408,20 @@ def load_corpus(name: str, root: str | os.PathLike[str], *, splits: Sequence[str
             others are ``None`` in the result. Default: every split the corpus
             has. The vocabulary always comes from the training split (both
             files for a sample), whatever is requested.
-        cache: read and write ``root/name/deq-corpus-cache.pt`` (ignored for
-            the samples, which are never cached).
+        cache: read and write ``root/name/deq-corpus-cache.pt``, and remove
+            the stale temporary files of killed cache writers there (ignored
+            for the samples, which are never cached).
 
     Returns:
-        A :class:`Corpus` with int64 id tensors.
+        A :class:`Corpus` with int64 id tensors and the file of each split.
 
     Raises:
         ValueError: unknown ``name`` or split (the message lists the known
-            ones), or an out-of-vocabulary token with no ``<unk>`` to map it to.
+            ones); or a file that is not UTF-8 text, is binary, holds no word,
+            or has an out-of-vocabulary token with no ``<unk>`` to map it to
+            (these name the corpus, the split and the file).
         FileNotFoundError: a needed file is missing; the message names the
-            directory, the missing files and the download command.
+            directory, the missing files, their splits and the download command.
 
     Example:
         >>> corpus = load_corpus("ptb", "data")          # doctest: +SKIP
@@ -358,39 +431,25 @@ def load_corpus(name: str, root: str | os.PathLike[str], *, splits: Sequence[str
     spec = _SPECS.get(name)
     if spec is None:
         raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
-    if splits is None:
-        wanted = tuple(spec.files)
-    else:
-        if isinstance(splits, str):
-            raise TypeError(f"splits must be a sequence of split names, not the string {splits!r}")
-        wanted = tuple(dict.fromkeys(splits))
-        bad = [s for s in wanted if s not in spec.files]
-        if bad:
-            raise ValueError(f"corpus {name!r} has no split {bad[0]!r}; its splits: {', '.join(spec.files)}")
-
+    wanted = _wanted_splits(name, spec, splits)
     directory = Path(root) / name
     needed = tuple(dict.fromkeys(spec.vocab_from + wanted))
-    missing = [spec.files[s] for s in needed if not (directory / spec.files[s]).is_file()]
-    if missing:
-        msg = f"{name}: missing {', '.join(missing)} in {directory}."
-        if spec.downloadable:
-            msg += f" Download it with: {download_command(name, root)}"
-        else:
-            msg += f" {spec.note}"
-        raise FileNotFoundError(msg)
-
+    _check_present(name, spec, root, needed)
     paths = {s: directory / spec.files[s] for s in needed}
+    whats = {s: f"{name} {s} split" for s in needed}
     keys = {s: _file_key(paths[s]) for s in needed}
     vocab_key = [keys[s] for s in spec.vocab_from]
     cache_path = directory / CACHE_NAME
 
     cache = cache and spec.cached
+    if cache and _writable(directory):
+        remove_stale(directory, CACHE_TMP_PATTERN, is_dir=False)
     stored = _load_cache(cache_path) if cache else None
     if stored is not None and (stored.get("name") != name or stored.get("vocab_key") != vocab_key):
         stored = None  # the vocabulary's sources changed: nothing built from them is valid
     dirty = stored is None
     if stored is None:
-        vocab, vocab_ids = _build_vocab([paths[s] for s in spec.vocab_from])
+        vocab, vocab_ids = _build_vocab([paths[s] for s in spec.vocab_from], [whats[s] for s in spec.vocab_from])
         stored = {"format": _CACHE_FORMAT, "name": name, "vocab_key": vocab_key, "itos": list(vocab.itos),
                   "counts": list(vocab.counts or ()), "splits": {}}
         for s, ids in zip(spec.vocab_from, vocab_ids):
@@ -402,12 +461,37 @@ def load_corpus(name: str, root: str | os.PathLike[str], *, splits: Sequence[str
     for s in wanted:
         entry = stored["splits"].get(s)
         if entry is None or tuple(entry["key"]) != keys[s]:
-            lookup = _Lookup(vocab.stoi, path=paths[s],
-                             vocab_files=[paths[v] for v in spec.vocab_from])
-            entry = {"key": keys[s], "ids": torch.from_numpy(_read_ids(paths[s], lookup))}
+            lookup = _Lookup(vocab.stoi, path=paths[s], vocab_files=[paths[v] for v in spec.vocab_from])
+            entry = {"key": keys[s], "ids": torch.from_numpy(_tokenise(paths[s], lookup, whats[s]))}
             stored["splits"][s] = entry
             dirty = True
         out[s] = entry["ids"].long()
     if cache and dirty:
         _save_cache(cache_path, stored)
-    return Corpus(name=name, vocab=vocab, **out)
+    return Corpus(name=name, vocab=vocab, **out, files={s: paths[s] for s in wanted})
+
+
+def _wanted_splits(name: str, spec: _Spec, splits: Sequence[str] | None) -> tuple[str, ...]:
+    if splits is None:
+        return tuple(spec.files)
+    if isinstance(splits, str):
+        raise TypeError(f"splits must be a sequence of split names, not the string {splits!r}")
+    wanted = tuple(dict.fromkeys(splits))
+    bad = [s for s in wanted if s not in spec.files]
+    if bad:
+        raise ValueError(f"corpus {name!r} has no split {bad[0]!r}; its splits: {', '.join(spec.files)}")
+    return wanted
+
+
+def _check_present(name: str, spec: _Spec, root: str | os.PathLike[str], needed: Sequence[str]) -> None:
+    directory = Path(root) / name
+    missing = [s for s in needed if not (directory / spec.files[s]).is_file()]
+    if not missing:
+        return
+    msg = (f"{name}: missing {', '.join(spec.files[s] for s in missing)} in {directory} "
+           f"(the {', '.join(missing)} split{'s' if len(missing) > 1 else ''}).")
+    if spec.downloadable:
+        msg += f" Download it with: {download_command(name, root)}"
+    else:
+        msg += f" {spec.note}"
+    raise FileNotFoundError(msg)

@@ -10,9 +10,17 @@ The files land in ``ROOT/<name>/`` (see :mod:`deq.data.corpus`). Every file is
 fetched into a temporary directory inside ``ROOT``, checked (MD5 where known,
 non-empty otherwise, then the expected file names after unpacking), and only
 then moved into place with a rename; an interrupted run leaves nothing that
-looks complete. A run whose files are already present does nothing, so the
-command is safe to repeat. Only the standard library is used (urllib, zipfile,
-hashlib).
+looks complete. A run whose files are already present fetches nothing, so the
+command is safe to repeat; files whose MD5 is known are verified, whether they
+were already present or have just been fetched, and a mismatch is an error that
+names the file and both sums (nothing is overwritten). Only the standard
+library is used (urllib, zipfile, hashlib).
+
+Interruptions: Ctrl-C removes the staging directory and the command exits with
+status 130 and one line saying what was stopped. A staging directory left by a
+hard kill (``kill -9``) is removed by the next run, once it is provably stale
+(see :mod:`deq.data._tempfiles`: its process no longer runs and nothing holds
+its lock); a concurrent download keeps its own.
 
 Sources (one table, :data:`SOURCES`; mirrors are tried in order):
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -38,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .corpus import _SPECS
+from ._tempfiles import hold_lock, owner_tag, remove_stale
+from .corpus import _SPECS, download_command
 
 _CHUNK = 1 << 20
 
@@ -83,8 +93,27 @@ SOURCES: dict[str, tuple[Source, ...]] = {
 }
 
 
+# ROOT/.<name>-download-<pid>@<host>-XXXXXXXX, XXXXXXXX being mkdtemp's 8 characters from
+# [a-z0-9_]; the tag is missing from the folders of earlier versions, which only the age
+# rule then removes.
+STAGING_PATTERN = re.compile(r"\.(?:" + "|".join(re.escape(n) for n in SOURCES) + r")-download-"
+                             r"(?:(?P<pid>\d+)@(?P<host>[A-Za-z0-9.-]+)-)?[a-z0-9_]{8}")
+
+
 class DownloadError(RuntimeError):
     """Fetching, verifying or unpacking failed; nothing was moved into place."""
+
+
+class ChecksumError(DownloadError):
+    """A corpus file's MD5 differs from the published one; the message names the file and both sums."""
+
+
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a download; the staging directory has been removed.
+
+    A ``KeyboardInterrupt`` (``except KeyboardInterrupt`` still catches it) whose
+    message says which corpus and which file were being fetched.
+    """
 
 
 def expected_files(name: str) -> tuple[str, ...]:
@@ -137,7 +166,10 @@ def _fetch_verified(source: Source, dest: Path, *, quiet: bool) -> None:
                 errors.append(f"{url}: md5 {got} != expected {source.md5} ({size} bytes)")
                 continue
         return
-    raise DownloadError(f"could not fetch {source.filename}:\n  " + "\n  ".join(errors))
+    hint = ("\nA mirror served other bytes than the published file (an error page, a truncated or a "
+            "changed file); nothing was moved into place. Try again later, or fetch the file by hand "
+            f"and check that its md5 is {source.md5}." if any(" md5 " in e for e in errors) else "")
+    raise DownloadError(f"could not fetch {source.filename}:\n  " + "\n  ".join(errors) + hint)
 
 
 def _unpack(archive: Path, members: Sequence[str], staging: Path) -> None:
@@ -162,8 +194,94 @@ def _missing(directory: Path, files: Sequence[str]) -> list[str]:
     return [f for f in files if not (directory / f).is_file() or (directory / f).stat().st_size == 0]
 
 
+def known_md5(name: str) -> dict[str, str]:
+    """File name in ``ROOT/name`` -> its published MD5, for the files whose sum is known.
+
+    The sums of the archives are known, not those of the files unpacked from
+    them: for WikiText this is empty.
+    """
+    return {s.filename: s.md5 for s in SOURCES[name] if s.md5 is not None and not s.members}
+
+
+def verify_files(name: str, root: str | os.PathLike[str], files: Sequence[str] | None = None) -> list[str]:
+    """Check the MD5 of the present files of corpus ``name`` whose sum is known.
+
+    Args:
+        name: a key of :data:`SOURCES`.
+        root: the parent directory, as given to :func:`download_corpus`.
+        files: the files to check (default: every file with a known sum that
+            is present).
+
+    Returns:
+        The names of the files checked.
+
+    Raises:
+        ChecksumError: a file's MD5 differs; the message names every such file
+            with the expected and the actual sum, and what to do.
+    """
+    directory = Path(root) / name
+    known = known_md5(name)
+    wanted = known if files is None else [f for f in files if f in known]
+    checked = [f for f in wanted if (directory / f).is_file()]
+    bad = [(f, _md5(directory / f)) for f in checked]
+    bad = [(f, got) for f, got in bad if got != known[f]]
+    if bad:
+        lines = [f"{directory / f}: md5 {got}, expected {known[f]}" for f, got in bad]
+        raise ChecksumError(
+            f"{name}: {len(bad)} file(s) differ from the published corpus (corrupt, truncated or another "
+            f"version):\n  " + "\n  ".join(lines) + "\nNothing was overwritten. Delete "
+            + ("it" if len(bad) == 1 else "them") + f" and fetch again with: {download_command(name, root)}")
+    return checked
+
+
+def remove_stale_downloads(root: str | os.PathLike[str], *, quiet: bool = True) -> list[Path]:
+    """Remove the staging directories in ``root`` that a killed download left.
+
+    Only provably stale ones go (see :mod:`deq.data._tempfiles`): a download
+    still running, here or on another machine, keeps its own.
+
+    Returns:
+        The directories removed.
+    """
+    removed = remove_stale(root, STAGING_PATTERN, is_dir=True)
+    if not quiet:
+        for path, reason in removed:
+            print(f"removed the stale partial download {path} ({reason})")
+    return [path for path, _ in removed]
+
+
+def _fetch_into(name: str, work: Path, staging: Path, *, quiet: bool) -> None:
+    """Fetch and unpack every source of ``name`` into ``staging`` (archives go to ``work``)."""
+    for source in SOURCES[name]:
+        try:
+            if source.members:
+                archive = work / source.filename
+                _fetch_verified(source, archive, quiet=quiet)
+                _unpack(archive, source.members, staging)
+                archive.unlink()
+            else:
+                _fetch_verified(source, staging / source.filename, quiet=quiet)
+        except KeyboardInterrupt as err:
+            raise DownloadInterrupted(f"the download of {name} was stopped while fetching "
+                                      f"{source.filename}") from err
+
+
+def _move_into_place(staging: Path, target: Path, files: Sequence[str]) -> None:
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    # A partial directory from elsewhere: add what it lacks, one atomic rename per file,
+    # and leave the files it has untouched.
+    for f in _missing(target, files):
+        os.replace(staging / f, target / f)
+
+
 def download_corpus(name: str, *, root: str | os.PathLike[str], quiet: bool = False) -> Path:
     """Fetch corpus ``name`` into ``root/name`` unless it is already there.
+
+    Stale staging directories of killed downloads in ``root`` are removed
+    first. Files with a published MD5 (PTB's) are verified when already present
+    and again once everything is in place.
 
     Args:
         name: ``"ptb"``, ``"wikitext-2"`` or ``"wikitext-103"``.
@@ -176,52 +294,76 @@ def download_corpus(name: str, *, root: str | os.PathLike[str], quiet: bool = Fa
 
     Raises:
         ValueError: unknown ``name``.
+        ChecksumError: a present or fetched file has another MD5 than the
+            published one (nothing is overwritten).
         DownloadError: every mirror of a file failed, a checksum did not match,
             or an archive lacks an expected file.
+        DownloadInterrupted: Ctrl-C while fetching (a ``KeyboardInterrupt``);
+            the staging directory is removed and ``root/name`` is as before.
     """
     if name not in SOURCES:
         raise ValueError(f"unknown corpus {name!r}; downloadable: {', '.join(SOURCES)}")
     root = Path(root)
     target = root / name
     files = expected_files(name)
-    if not _missing(target, files):
+    remove_stale_downloads(root, quiet=quiet)
+    present = [f for f in files if f not in _missing(target, files)]
+    verified = verify_files(name, root, present)
+    if len(present) == len(files):
         if not quiet:
-            print(f"{name}: already present in {target.resolve()}")
+            how = f"md5 verified: {', '.join(verified)}" if verified else "no published checksum for these files"
+            print(f"{name}: already present in {target.resolve()} ({how})")
         return target
 
     root.mkdir(parents=True, exist_ok=True)
     # Work inside root so that the final renames stay on one file system (atomic).
-    work = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-download-"))
+    work = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-download-{owner_tag()}-"))
+    lock = os.open(work, os.O_RDONLY)
     try:
+        hold_lock(lock)  # tells a concurrent run's clean-up that this directory is in use
         staging = work / name
         staging.mkdir()
-        for source in SOURCES[name]:
-            if source.members:
-                archive = work / source.filename
-                _fetch_verified(source, archive, quiet=quiet)
-                _unpack(archive, source.members, staging)
-                archive.unlink()
-            else:
-                _fetch_verified(source, staging / source.filename, quiet=quiet)
+        _fetch_into(name, work, staging, quiet=quiet)
         lacking = _missing(staging, files)
         if lacking:
             raise DownloadError(f"{name}: after fetching, {', '.join(lacking)} missing or empty")
-        if not target.exists():
-            os.rename(staging, target)
-        else:
-            # A partial directory from elsewhere: add what it lacks, one atomic rename per file,
-            # and leave the files it has untouched.
-            for f in _missing(target, files):
-                os.replace(staging / f, target / f)
+        _move_into_place(staging, target, files)
     finally:
+        os.close(lock)
         shutil.rmtree(work, ignore_errors=True)
+    verified = verify_files(name, root)
     if not quiet:
-        print(f"{name}: files in {target.resolve()}: {', '.join(files)}")
+        check = f" (md5 verified: {', '.join(verified)})" if verified else ""
+        print(f"{name}: files in {target.resolve()}: {', '.join(files)}{check}")
     return target
 
 
+def _own_staging(root: Path) -> list[Path]:
+    """This process's staging directories in ``root`` (left only if a clean-up was itself interrupted)."""
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    mine = owner_tag()
+    return [p for p in entries if (m := STAGING_PATTERN.fullmatch(p.name)) is not None
+            and f"{m.group('pid')}@{m.group('host')}" == mine]
+
+
+def _report_interrupt(err: KeyboardInterrupt, name: str, root: Path) -> None:
+    """One line on stderr: what Ctrl-C stopped, and that nothing partial is left."""
+    what = str(err) if isinstance(err, DownloadInterrupted) else f"the download of {name} was stopped"
+    for path in _own_staging(root):  # a second Ctrl-C may have cut the first clean-up short
+        shutil.rmtree(path, ignore_errors=True)
+    left = _own_staging(root)
+    if left:
+        print(f"interrupted: {what}; could not remove the partial download {left[0]}: delete it",
+              file=sys.stderr)
+    else:
+        print(f"interrupted: {what}; nothing partial was left in {root.resolve()}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status (0, 1 on errors, 130 on Ctrl-C)."""
     parser = argparse.ArgumentParser(
         prog="python -m deq.data.download",
         description="Fetch a word-level language-modelling corpus into ROOT/NAME.")
@@ -235,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DownloadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        _report_interrupt(err, args.name, Path(args.root))
+        return 130
     return 0
 
 

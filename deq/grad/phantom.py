@@ -26,7 +26,11 @@ class UPG(Backward):
         z_{i+1} = damping * f(z_i, x) + (1 - damping) * z_i,   i < k
 
     and ``z_k`` is returned with its ordinary autograd graph. Memory: ``k``
-    graphs of ``f``; cost: ``k`` VJPs. ``UPG(k=1, damping=1)`` is JFB.
+    graphs of ``f``; cost: ``k`` VJPs. ``UPG(k=1, damping=1)`` is JFB. No solve
+    runs in the backward, so ``layer.last_result.backward`` stays ``None``: the
+    cost is fixed (``k`` VJPs, whatever ``f``) and there is no residual to
+    report. The output is plain autograd: it may be modified in place, and
+    ``f`` is called ``k`` more times in the forward (not in the backward).
 
     Args:
         k: number of unrolled steps, ``k >= 1``.
@@ -53,7 +57,8 @@ class UPG(Backward):
         with torch.enable_grad():
             for _ in range(self.k):
                 fz = as_tuple(f(z if isinstance(z_star, tuple) else z[0], x))
-                z = fz if self.damping == 1.0 else tuple(a.lerp(b, self.damping) for a, b in zip(z, fz))
+                # b.to(a.dtype): under autocast f may return a narrower dtype than z.
+                z = fz if self.damping == 1.0 else tuple(a.lerp(b.to(a.dtype), self.damping) for a, b in zip(z, fz))
         return z if isinstance(z_star, tuple) else z[0]
 
 
@@ -69,6 +74,12 @@ class NPG(Backward):
     at ``z*``, then pushes ``g`` through the graph of ``f``: ``k - 1`` VJPs for
     the series and one for the parameters, all through one graph (unlike UPG,
     which keeps ``k``). It equals UPG's gradient for a linear ``f``.
+
+    No solve runs, so ``layer.last_result.backward`` stays ``None``: the cost
+    is fixed at ``k`` VJPs (backward hooks inside ``f`` fire ``k`` times). As
+    with :class:`Implicit`, the output is a view of the re-attached
+    ``f(z*)`` and cannot be modified in place (clone it first); when nothing
+    but ``z*`` needs a gradient the output is returned detached.
 
     Args:
         k: number of series terms, ``k >= 1``.
@@ -90,7 +101,7 @@ class NPG(Backward):
     def __post_init__(self) -> None:
         _check_phantom(self.k, self.damping)
 
-    def adjoint(self, vjp, v, report):
+    def adjoint(self, vjp, v, report, *, dtype=None):
         term, total = v, v
         for _ in range(self.k - 1):
             term = self.damping * vjp(term) + (1 - self.damping) * term
@@ -101,7 +112,8 @@ class NPG(Backward):
 def JFB() -> UPG:
     """Jacobian-free backprop (Fung et al., AAAI 2022): ``UPG(k=1, damping=1.0)``.
 
-    The gradient of one plain step ``f(z*, x)`` with ``z*`` detached.
+    The gradient of one plain step ``f(z*, x)`` with ``z*`` detached: one VJP,
+    no solve (``layer.last_result.backward`` stays ``None``).
     """
     return UPG(k=1, damping=1.0)
 

@@ -312,6 +312,11 @@ class DEQTransformerLM(nn.Module):
         pre_lnorm: pre-LayerNorm block instead of post-LayerNorm.
         weight_norm: weight-normalise the block's linear maps (not the injection).
         init_std: normal initialisation std (0.01 in the DEQ-Transformer code).
+        causal: solve in the layer's causal mode (``time_dim=1``): the
+            log-probability at position ``t`` depends on tokens ``<= t`` only,
+            exactly, whatever the solver budget (without it, Anderson's and
+            Broyden's per-sequence mixing and per-sequence stopping let later
+            tokens move earlier predictions until the solve has converged).
         deq_layer: builds the DEQ layer from ``f``, e.g.
             ``functools.partial(deq.DEQLayer, solver="anderson", max_iter=30)``;
             stored as ``self.deq`` (``self.deq.f`` is the block).
@@ -336,7 +341,8 @@ class DEQTransformerLM(nn.Module):
                  dropout: float = 0.0, dropatt: float = 0.0, mem_len: int = 0, d_embed: int | None = None,
                  cutoffs: Sequence[int] = (), div_val: int = 1, tie_weight: bool = True,
                  tie_projs: bool | Sequence[bool] = True, pre_lnorm: bool = False, weight_norm: bool = True,
-                 init_std: float = 0.01, deq_layer: Callable[[nn.Module], DEQLayer] = DEQLayer):
+                 init_std: float = 0.01, causal: bool = True,
+                 deq_layer: Callable[[nn.Module], DEQLayer] = DEQLayer):
         super().__init__()
         if not 0.0 <= dropout < 1.0 or not 0.0 <= dropatt < 1.0:
             raise ValueError(f"dropout and dropatt must be in [0, 1), got {dropout!r} and {dropatt!r}")
@@ -357,6 +363,9 @@ class DEQTransformerLM(nn.Module):
         if not isinstance(self.deq, nn.Module) or getattr(self.deq, "f", None) is not block:
             raise TypeError("deq_layer(block) must return an nn.Module holding the block as .f (like deq.DEQLayer), "
                             f"got {type(self.deq).__name__}")
+        self.causal = bool(causal)
+        if self.causal:
+            self.deq.time_dim = 1  # z is (B, L, d_model)
         self.crit = AdaptiveSoftmax(self.word_emb, tie_weight=tie_weight, tie_projs=tie_projs, init_std=init_std)
 
     @property

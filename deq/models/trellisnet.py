@@ -201,6 +201,9 @@ class DEQTrellisNetLM(nn.Module):
             the cell convolutions (taps on earlier time steps only).
         cutoffs: adaptive-softmax cluster boundaries (e.g. ``[2800, 20000,
             76000]`` for WikiText-103); ``None`` for the full softmax.
+        causal: solve in the layer's causal mode (``time_dim=2``): the
+            log-probability at position ``t`` depends on tokens ``<= t`` only,
+            exactly, whatever the solver budget.
         deq_layer: builds the DEQ layer from the cell: ``deq_layer(cell)`` must
             return an ``nn.Module`` that holds the cell as ``.f`` and is called
             as ``layer(x, z0=...)``, like :class:`deq.DEQLayer` (the default,
@@ -224,7 +227,7 @@ class DEQTrellisNetLM(nn.Module):
 
     def __init__(self, *, ntoken: int, ninp: int, nhid: int, nout: int, kernel_size: int = 2,
                  dropout: float = 0.0, dropouti: float = 0.0, dropouth: float = 0.0, emb_dropout: float = 0.0,
-                 wdrop: float = 0.0, cutoffs: Sequence[int] | None = None,
+                 wdrop: float = 0.0, cutoffs: Sequence[int] | None = None, causal: bool = True,
                  deq_layer: Callable[[nn.Module], nn.Module] = DEQLayer):
         super().__init__()
         for name, value in (("ntoken", ntoken), ("ninp", ninp), ("nhid", nhid), ("nout", nout)):
@@ -250,6 +253,9 @@ class DEQTrellisNetLM(nn.Module):
             raise TypeError("deq_layer(cell) must return an nn.Module holding the cell as .f (like deq.DEQLayer), "
                             f"got {type(layer).__name__}")
         self.deq = layer
+        self.causal = bool(causal)
+        if self.causal:
+            self.deq.time_dim = 2  # h and c are (B, H, L)
         self.decoder = TiedAdaptiveLogSoftmax(self.encoder, tie_projs=True)
 
     @property

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .base import Solver, register
+from .base import Iterate, Solver, register
 
 
 @register("anderson")
@@ -55,6 +56,9 @@ class Anderson(Solver):
     m: int = 5
     lam: float = 1e-4
     beta: float = 1.0
+    # Causal mode (set by ``causal``): the sequence length whose prefixes the
+    # least-squares problems run over; None for one problem per sample.
+    _prefix: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.m, int) or isinstance(self.m, bool) or self.m < 1:
@@ -64,79 +68,121 @@ class Anderson(Solver):
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta!r}")
 
-    def init(self, z: Tensor, fz: Tensor) -> dict:
+    def causal(self, length: int) -> "Anderson":
+        """Per-position mixing for causal mode: position ``t`` fits its coefficients on positions ``<= t``.
+
+        Row ``t`` of a sample solves ``min ||g_{<=t} - dG_{<=t} gamma_t||^2 + ridge``,
+        whose Gram matrix and right-hand side are prefix sums over positions
+        of the per-position products (one cumulative sum per step), then
+        mixes its own row with ``gamma_t``; the ridge scale and the restart
+        test use the same prefix. At the last position this is the
+        per-sample problem of the non-causal mode.
+        """
+        return dataclasses.replace(self, _prefix=length)
+
+    def init(self, it: Iterate) -> "_AndersonState":
+        z = it.z
         batch, dim = z.shape
         new = dict(dtype=z.dtype, device=z.device)
-        # Slots not yet filled stay zero: their Gram rows and right-hand sides are
-        # zero, so (with the ridge on the diagonal) their gamma is exactly zero
-        # and every step solves the same fixed-size m x m system.
-        dG = torch.zeros(batch, self.m, dim, **new)
-        # dY = dZ + beta * dG: the only combination of dZ the update uses,
-        # stored so that the update is one batched product.
-        dY = torch.zeros(batch, self.m, dim, **new)
-        gram = torch.zeros(batch, self.m, self.m, **new)
-        # Two (B, 2, D) buffers used in turn, rows [dg, g] of one step: the new
-        # residual is written where the product with the history reads it (no
-        # stacking copy) while the previous step's g survives in the other one.
         pairs = (torch.empty(batch, 2, dim, **new), torch.empty(batch, 2, dim, **new))
-        return {
-            "z": z, "fz": fz, "k": 0, "dG": dG, "dY": dY, "gram": gram, "pairs": pairs,
-            "rows": tuple(p.unbind(1) for p in pairs),
-            "eye": torch.eye(self.m, **new), "tiny": torch.tensor(torch.finfo(z.dtype).tiny, **new),
-            # Views made once, not per step: on small problems each indexing op
-            # costs about as much as the arithmetic it feeds.
-            "dG_t": dG.transpose(1, 2), "diag": gram.diagonal(dim1=1, dim2=2),
-            "slots": tuple((dG[:, i], dY[:, i], gram[:, i], gram[:, :, i]) for i in range(self.m)),
-            # Per sample and slot: 1 where the column belongs to the current run
-            # of the history (0 after a restart, until the slot is rewritten).
-            "valid": torch.zeros(batch, self.m, **new),
-            # Lowest squared residual of the current run and the steps since it fell.
-            "best_sq": torch.full((batch, 1), float("inf"), **new),
-            "stale": torch.zeros(batch, 1, **new),
-        }
+        pairs[0][:, 1].copy_(it.g)
+        return _AndersonState(
+            z=z, fz=it.fz, dG=torch.zeros(batch, self.m, dim, **new), dY=torch.zeros(batch, self.m, dim, **new),
+            gram=torch.zeros(batch, self.m, self.m, **new), pairs=pairs, valid=torch.zeros(batch, self.m, **new),
+            best_sq=torch.full((batch, 1), float("inf"), **new), stale=torch.zeros(batch, 1, **new),
+            eye=torch.eye(self.m, **new), tiny=torch.tensor(torch.finfo(z.dtype).tiny, **new))
 
-    def step(self, state, z, fz, active, evaluate):
-        k = state["k"]
-        dg, g = state["rows"][k % 2]
-        torch.sub(fz, z, out=g)
-        g_sq = g.square().sum(dim=1, keepdim=True)
+    def step(self, state, it, active, evaluate):
+        k = state.k
+        z, fz = it.z, it.fz
+        # The loop's g of this iterate: rows[k % 2][1] (step k - 1 wrote it there).
+        dg, g = state.rows[k % 2]
         weight = active.to(z.dtype)[:, None]  # 0 freezes a stopped sample
         mixed = fz if self.beta == 1.0 else torch.add(z, g, alpha=self.beta)  # z + beta g
         if k == 0:
             z_new = z.lerp(mixed, weight)
         else:
-            dg_slot, dy_slot, gram_row, gram_col = state["slots"][(k - 1) % self.m]
-            torch.sub(g, state["rows"][(k + 1) % 2][1], out=dg)
+            dg_slot, dy_slot, gram_row, gram_col = state.slots[(k - 1) % self.m]
+            torch.sub(g, state.rows[(k + 1) % 2][1], out=dg)
             dg_slot.copy_(dg)
             if self.beta == 1.0:
-                torch.sub(fz, state["fz"], out=dy_slot)  # dZ + dG = the change of f(z)
+                torch.sub(fz, state.fz, out=dy_slot)  # dZ + dG = the change of f(z)
             else:
-                torch.sub(z, state["z"], out=dy_slot).add_(dg, alpha=self.beta)
+                torch.sub(z, state.z, out=dy_slot).add_(dg, alpha=self.beta)
             # One pass over the history for both the new Gram column dG^T dg
             # and the right-hand side dG^T g: O(m D), not O(m^2 D).
-            prods = torch.bmm(state["pairs"][k % 2], state["dG_t"])  # (B, 2, m)
+            prods = torch.bmm(state.pairs[k % 2], state.dG_t)  # (B, 2, m)
+            if self._prefix is not None:  # causal: sums over the positions <= t of each sample
+                prods = prods.view(-1, self._prefix, 2, self.m).cumsum(dim=1).view(-1, 2, self.m)
             gram_row.copy_(prods[:, 0])
             gram_col.copy_(prods[:, 0])
-            # Restart: a sample whose residual has not fallen below its best for
-            # ``m`` steps drops its history and takes the plain mixing step:
-            # on a nonlinear f Anderson can otherwise cycle on a plateau.
-            valid, best_sq, stale = state["valid"], state["best_sq"], state["stale"]
-            improved = g_sq < best_sq
-            torch.minimum(best_sq, g_sq, out=best_sq)
-            stale.add_(1.0).mul_(~improved)
-            keep = stale < self.m
-            valid[:, (k - 1) % self.m] = 1.0
-            valid.mul_(keep)
-            stale.mul_(keep)
-            best_sq.copy_(torch.where(keep, best_sq, g_sq))
-            outer = valid.unsqueeze(2) * valid.unsqueeze(1)
-            masked = state["gram"] * outer
-            ridge = torch.add(state["tiny"], masked.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True), alpha=self.lam)
-            system = torch.addcmul(masked, ridge.unsqueeze(2), state["eye"])
-            # gamma (B, 1, m) as a row: gamma A = rhs^T, the same as A gamma^T = rhs (A symmetric).
-            gamma, info = torch.linalg.solve_ex(system, prods[:, 1:] * valid.unsqueeze(1), left=False)
-            # A singular or non-finite solve falls back to the plain mixing step.
-            ok = (info.view(-1, 1, 1) == 0) & gamma.sum(dim=2, keepdim=True).isfinite()
-            gamma = torch.where(ok, gamma, 0.0)
-            z_new = z.lerp(torch.baddbmm(mixed.unsqueeze(1), gamma, state["dY"], alpha=-1.0).squeeze(1), weight)
-        return {**state, "z": z, "fz": fz, "k": k + 1}, z_new, evaluate(z_new, active)
+            gamma = self._gamma(state, k, prods, it.gn.square()[:, None])
+            z_new = z.lerp(torch.baddbmm(mixed.unsqueeze(1), gamma, state.dY, alpha=-1.0).squeeze(1), weight)
+        fz_new = evaluate(z_new, active)
+        # g of the new iterate, where the next step reads it.
+        g_new = torch.sub(fz_new, z_new, out=state.rows[(k + 1) % 2][1])
+        state.z, state.fz, state.k = z, fz, k + 1
+        return state, z_new, fz_new, g_new
+
+    def _gamma(self, state: "_AndersonState", k: int, prods: Tensor, g_sq: Tensor) -> Tensor:
+        """The ``(B, 1, m)`` mixing coefficients, after the per-sample restart on stagnation.
+
+        A sample whose residual has not fallen below its best for ``m`` steps
+        drops its history and takes the plain mixing step: on a nonlinear f
+        Anderson can otherwise cycle on a plateau.
+        """
+        valid, best_sq, stale = state.valid, state.best_sq, state.stale
+        improved = g_sq < best_sq
+        torch.minimum(best_sq, g_sq, out=best_sq)
+        stale.add_(1.0).mul_(~improved)
+        keep = stale < self.m
+        valid[:, (k - 1) % self.m] = 1.0
+        valid.mul_(keep)
+        stale.mul_(keep)
+        best_sq.copy_(torch.where(keep, best_sq, g_sq))
+        outer = valid.unsqueeze(2) * valid.unsqueeze(1)
+        masked = state.gram * outer
+        ridge = torch.add(state.tiny, masked.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True), alpha=self.lam)
+        system = torch.addcmul(masked, ridge.unsqueeze(2), state.eye)
+        # gamma (B, 1, m) as a row: gamma A = rhs^T, the same as A gamma^T = rhs (A symmetric).
+        gamma, info = torch.linalg.solve_ex(system, prods[:, 1:] * valid.unsqueeze(1), left=False)
+        # A singular or non-finite solve falls back to the plain mixing step.
+        ok = (info.view(-1, 1, 1) == 0) & gamma.sum(dim=2, keepdim=True).isfinite()
+        return torch.where(ok, gamma, 0.0)
+
+
+@dataclass
+class _AndersonState:
+    """Anderson's per-solve state; per-row tensors first (the active set selects their rows).
+
+    Slots not yet filled stay zero: their Gram rows and right-hand sides are
+    zero, so (with the ridge on the diagonal) their gamma is exactly zero and
+    every step solves the same fixed-size ``m x m`` system.
+    """
+
+    z: Tensor  # the previous iterate and its f(z)
+    fz: Tensor
+    dG: Tensor  # (B, m, D) residual differences
+    dY: Tensor  # (B, m, D) dZ + beta dG: the only combination of dZ the update uses (one batched product)
+    gram: Tensor  # (B, m, m) dG^T dG, one column updated per step
+    # Two (B, 2, D) buffers used in turn, rows [dg, g] of one step: the new
+    # residual is written where the product with the history reads it (no
+    # stacking copy) while the previous step's g survives in the other one.
+    pairs: tuple[Tensor, Tensor]
+    valid: Tensor  # (B, m): 1 where the column belongs to the current run of the history
+    best_sq: Tensor  # (B, 1): lowest squared residual of the current run
+    stale: Tensor  # (B, 1): steps since it fell
+    eye: Tensor = field(metadata={"shared": True})
+    tiny: Tensor = field(metadata={"shared": True})
+    k: int = 0
+    # Views made once per state, not per step: on small problems each indexing
+    # op costs about as much as the arithmetic it feeds.
+    rows: tuple = field(init=False, repr=False)
+    dG_t: Tensor = field(init=False, repr=False)
+    slots: tuple = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rows = tuple(p.unbind(1) for p in self.pairs)
+        self.dG_t = self.dG.transpose(1, 2)
+        self.slots = tuple((self.dG[:, i], self.dY[:, i], self.gram[:, i], self.gram[:, :, i])
+                           for i in range(self.dG.shape[1]))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .base import Solver, register
+from .base import Iterate, Solver, register
 
 
 @register("broyden")
@@ -52,6 +52,12 @@ class Broyden(Solver):
     joins the same two passes instead. With the line search, trials also
     advance the memory's restart cycle.
 
+    Its inner products (``s^T H y`` and the like) are formed in the working
+    dtype, so they overflow for float32 states with entries above about
+    ``1e19`` (an iterate turns non-finite and the solve raises
+    :class:`~deq.solvers.NonFiniteError`); use float64 states at such scales.
+    Anderson falls back to plain mixing there instead.
+
     Args:
         memory: number of rank-one terms kept, ``memory >= 1``.
         line_search: backtracking Armijo line search on the step length.
@@ -81,51 +87,36 @@ class Broyden(Solver):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
 
-    def init(self, z: Tensor, fz: Tensor) -> dict:
+    def causal(self, length: int) -> "Broyden":
+        """Row by row: in causal mode each position keeps its own low-rank inverse Jacobian."""
+        return self
+
+    def init(self, it: Iterate) -> "_BroydenState":
+        z = it.z
         batch, dim = z.shape
         new = dict(dtype=z.dtype, device=z.device)
-        # Two work buffers, used in turn, each holding [g(z), y, s, H g(z), H y]
-        # for one step: the products below read them in place (no stacking
-        # copies), and the previous step's g survives in the other one.
         work = (torch.empty(batch, 5, dim, **new), torch.empty(batch, 5, dim, **new))
-        state = {
-            # Term i is u_i in row 2i and v_i in row 2i + 1: the terms in use are
-            # always a prefix of the buffer, so each pass reads only that prefix.
-            "UV": torch.zeros(batch, 2 * self.memory, dim, **new),
-            # Which products enter the second pass: rows 0, 1 (for g and y) take
-            # v_i . x at u_i's place, row 2 (for s) takes u_i . s at v_i's place,
-            # where term i is live. A restart zeroes a sample's mask, not its buffers.
-            "mask": torch.zeros(batch, 3, 2 * self.memory, **new),
-            "work": work,
-            # Views made once, not per step: on small problems each indexing op
-            # costs about as much as the arithmetic it feeds.
-            "rows": tuple(w.unbind(1) for w in work),
-            "pass_rows": tuple((w[:, :3], w[:, 0:3:2]) for w in work),  # (g, y, s) and (g, s)
-            "dot_views": tuple((w[:, 2::2], w[:, 2:].transpose(1, 2)) for w in work),
-            "slots": [None] * self.memory,
-            "k": 0,
-        }
+        work[0][:, 0].copy_(it.g)
+        state = _BroydenState(UV=torch.zeros(batch, 2 * self.memory, dim, **new),
+                              mask=torch.zeros(batch, 3, 2 * self.memory, **new), work=work)
         if self.line_search:
-            # The accepted point of each sample, its g and ||g||, the direction
-            # from it, the step length being tried and the trials so far.
-            g = fz - z
-            state.update(z_base=z.clone(), g_base=g, gn_base=torch.linalg.vector_norm(g, dim=1),
-                         d=g.clone(), alpha=torch.ones(batch, **new),
-                         trials=torch.ones(batch, dtype=torch.int64, device=z.device))
+            state.search = _Search(z_base=z.clone(), g_base=it.g.clone(), gn_base=it.gn, d=it.g.clone(),
+                                   alpha=torch.ones(batch, **new),
+                                   trials=torch.ones(batch, dtype=torch.int64, device=z.device))
         return state
 
-    def _slot_views(self, state: dict, slot: int) -> tuple:
+    def _slot_views(self, state: "_BroydenState", slot: int) -> tuple:
         """Views of term ``slot`` and of the live prefix before it, built once per slot."""
-        views = state["slots"][slot]
+        views = state.slots.get(slot)
         if views is None:
-            UV, mask = state["UV"], state["mask"]
+            UV, mask = state.UV, state.mask
             live = UV[:, :2 * slot]
             views = (UV[:, 2 * slot], UV[:, 2 * slot + 1], mask[:, 0:2, 2 * slot], mask[:, 2, 2 * slot + 1],
                      live, live.transpose(1, 2), (mask[:, :, :2 * slot], mask[:, 0:3:2, :2 * slot]))
-            state["slots"][slot] = views
+            state.slots[slot] = views
         return views
 
-    def _update(self, state: dict, k: int, accept: Tensor, g_prev: Tensor | None = None,
+    def _update(self, state: "_BroydenState", k: int, accept: Tensor, g_prev: Tensor | None = None,
                 Hg_prev: Tensor | None = None) -> Tensor:
         """Broyden update of H with the rows (g', y, s) of this step's work buffer; returns H' g'.
 
@@ -135,8 +126,8 @@ class Broyden(Solver):
         ``Hg_prev = H g_prev`` (under the current H) are known, and
         ``H y = H g' - H g_prev`` needs no product of its own.
         """
-        mask = state["mask"]
-        g_new, y, s, Hg_new, Hy = state["rows"][k % 2]
+        mask = state.mask
+        g_new, y, s, Hg_new, Hy = state.rows[k % 2]
         slot = (k - 1) % self.memory
         u, v, mask_u, mask_v, live, live_t, (live_mask, live_mask_gs) = self._slot_views(state, slot)
         if slot == 0:
@@ -154,7 +145,7 @@ class Broyden(Solver):
             # Pass 1: [g'; y; s] . [u_0; v_0; u_1; ...]. Pass 2, one product:
             # rows sum_i u_i (v_i . g'), sum_i u_i (v_i . y), sum_i v_i (u_i . s),
             # so that H x = -x + row (x = g', y) and v = H^T s = -s + row 2.
-            prods = torch.bmm(state["pass_rows"][k % 2][0], live_t)  # (B, 3, 2 slot)
+            prods = torch.bmm(state.pass_rows[k % 2][0], live_t)  # (B, 3, 2 slot)
             coef = prods.unflatten(2, (slot, 2)).flip(3).flatten(2).mul_(live_mask)
             low_rank = torch.bmm(coef, live).unbind(1)  # 3 x (B, D)
             torch.sub(low_rank[0], g_new, out=Hg_new)
@@ -162,7 +153,7 @@ class Broyden(Solver):
             torch.sub(low_rank[2], s, out=v)
         else:
             # The same with rows (g', s) only.
-            prods = torch.bmm(state["pass_rows"][k % 2][1], live_t)  # (B, 2, 2 slot)
+            prods = torch.bmm(state.pass_rows[k % 2][1], live_t)  # (B, 2, 2 slot)
             coef = prods.unflatten(2, (slot, 2)).flip(3).flatten(2).mul_(live_mask_gs)
             low_rank = torch.bmm(coef, live).unbind(1)  # 2 x (B, D)
             torch.sub(low_rank[0], g_new, out=Hg_new)
@@ -170,7 +161,7 @@ class Broyden(Solver):
             torch.sub(Hg_new, Hg_prev, out=Hy)
 
         # Rows (s, Hy) times (s, H g', Hy): s.s, s.Hg' (= v.g'), s.Hy (= s^T H y), Hy.Hy.
-        left, right = state["dot_views"][k % 2]
+        left, right = state.dot_views[k % 2]
         ss, sHg, sHy, _, _, HyHy = torch.bmm(left, right).flatten(1).unbind(1)
         size = ss * HyHy
         # |s^T H y| > sqrt(eps) |s| |H y| (False for NaN), and s^T H y bounded away
@@ -189,27 +180,32 @@ class Broyden(Solver):
         mask_v.copy_(ok_w)
         return Hg_next
 
-    def step(self, state, z, fz, active, evaluate):
+    def step(self, state, it, active, evaluate):
         # Step k evaluates one new point per sample. From step 1 on, the point
         # evaluated by step k - 1 arrives as (z, fz) and, once accepted, gives
         # the pair (s, y) of the Broyden update.
-        k = state["k"]
-        g_new, y, s, _, _ = state["rows"][k % 2]
-        nxt = state["rows"][(k + 1) % 2]
-        torch.sub(fz, z, out=g_new)
+        k = state.k
+        z = it.z
+        # g of this iterate is rows[k % 2][0]: step k - 1 (or init) wrote it there.
+        g_new, y, s, _, _ = state.rows[k % 2]
+        nxt = state.rows[(k + 1) % 2]
         weight = active.to(z.dtype)
         if self.line_search:
-            z_new = self._search_step(state, k, z, g_new, y, s, active, weight)
+            z_new = self._search_step(state, k, z, g_new, it.gn, y, s, active, weight)
         else:
             # nxt[0] is the previous g, and s (the previous d) is already in place.
-            Hg = g_new.neg() if k == 0 else self._update(state, k, active, nxt[0], state["Hg"])
-            state["Hg"] = Hg
+            Hg = g_new.neg() if k == 0 else self._update(state, k, active, nxt[0], state.Hg)
+            state.Hg = Hg
             # d = -H g', written where the next step reads s; zero for stopped samples.
             d = torch.mul(Hg, weight.neg()[:, None], out=nxt[2])
             z_new = z + d
-        return {**state, "k": k + 1}, z_new, evaluate(z_new, active)
+        fz_new = evaluate(z_new, active)
+        # g of the new iterate, where the next step reads it (this step is done with nxt[0]).
+        g_next = torch.sub(fz_new, z_new, out=nxt[0])
+        state.k = k + 1
+        return state, z_new, fz_new, g_next
 
-    def _search_step(self, state, k, z, g_new, y, s, active, weight):
+    def _search_step(self, state, k, z, g_new, gn, y, s, active, weight):
         """The next point with the line search: a new step where the last trial is accepted, else a shorter trial.
 
         Per sample, with no host sync: the trial ``z_base + alpha d`` is accepted
@@ -217,14 +213,14 @@ class Broyden(Solver):
         trials; then H is updated with ``s = z - z_base`` and the next trial is
         ``z + d'`` with ``d' = -H' g``; otherwise ``alpha`` halves.
         """
-        z_base, g_base, d, alpha = state["z_base"], state["g_base"], state["d"], state["alpha"]
+        search = state.search
+        z_base, g_base, d, alpha = search.z_base, search.g_base, search.d, search.alpha
         if k == 0:
             accept = active  # z0 is the first accepted point; its direction is g (H = -I)
-            trials = state["trials"]
+            trials = search.trials
         else:
-            gn = torch.linalg.vector_norm(g_new, dim=1)
-            armijo = gn <= (1 - self._ARMIJO_C * alpha) * state["gn_base"]
-            accept = active & (armijo | (state["trials"] >= self.max_ls_iter))
+            armijo = gn <= (1 - self._ARMIJO_C * alpha) * search.gn_base
+            accept = active & (armijo | (search.trials >= self.max_ls_iter))
             torch.sub(g_new, g_base, out=y)
             torch.sub(z, z_base, out=s)
             Hg = self._update(state, k, accept)
@@ -232,8 +228,56 @@ class Broyden(Solver):
             d.lerp_(Hg.neg_(), accept_w)  # exact row select: a new direction where accepted
             z_base.lerp_(z, accept_w)
             g_base.lerp_(g_new, accept_w)
-            state["gn_base"] = torch.where(accept, gn, state["gn_base"])
-            trials = torch.where(accept, 1, state["trials"] + 1)
-        state["alpha"] = alpha = torch.where(accept, 1.0, alpha * 0.5)
-        state["trials"] = trials
+            search.gn_base = torch.where(accept, gn, search.gn_base)
+            trials = torch.where(accept, 1, search.trials + 1)
+        search.alpha = alpha = torch.where(accept, 1.0, alpha * 0.5)
+        search.trials = trials
         return z.lerp(torch.addcmul(z_base, alpha[:, None], d), weight[:, None])
+
+
+@dataclass
+class _Search:
+    """The line search's per-sample state: the accepted point, its g and ||g||, the direction
+    from it, the step length being tried and the trials so far."""
+
+    z_base: Tensor
+    g_base: Tensor
+    gn_base: Tensor
+    d: Tensor
+    alpha: Tensor
+    trials: Tensor
+
+
+@dataclass
+class _BroydenState:
+    """Broyden's per-solve state; per-row tensors (the active set selects their rows).
+
+    Term ``i`` of ``H = -I + sum_i u_i v_i^T`` is ``u_i`` in row ``2i`` of ``UV`` and
+    ``v_i`` in row ``2i + 1``: the terms in use are always a prefix of the
+    buffer, so each pass reads only that prefix. ``mask`` says which products
+    enter the second pass: rows 0, 1 (for g and y) take ``v_i . x`` at ``u_i``'s
+    place, row 2 (for s) takes ``u_i . s`` at ``v_i``'s place, where term ``i`` is
+    live; a restart zeroes a sample's mask, not its buffers. ``work`` holds two
+    buffers used in turn, each ``[g(z), y, s, H g(z), H y]`` for one step: the
+    products read them in place (no stacking copies), and the previous step's
+    ``g`` survives in the other one.
+    """
+
+    UV: Tensor
+    mask: Tensor
+    work: tuple[Tensor, Tensor]
+    Hg: Tensor | None = None
+    search: "_Search | None" = None
+    k: int = 0
+    # Views made once per state, not per step: on small problems each indexing
+    # op costs about as much as the arithmetic it feeds.
+    rows: tuple = field(init=False, repr=False)
+    pass_rows: tuple = field(init=False, repr=False)
+    dot_views: tuple = field(init=False, repr=False)
+    slots: dict = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rows = tuple(w.unbind(1) for w in self.work)
+        self.pass_rows = tuple((w[:, :3], w[:, 0:3:2]) for w in self.work)  # (g, y, s) and (g, s)
+        self.dot_views = tuple((w[:, 2::2], w[:, 2:].transpose(1, 2)) for w in self.work)
+        self.slots = {}

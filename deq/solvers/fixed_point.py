@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from .base import Solver, register
+from .base import Iterate, Solver, register
 
 
 @register("fixed_point")
@@ -33,14 +31,19 @@ class FixedPoint(Solver):
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
 
-    def init(self, z: Tensor, fz: Tensor) -> None:
+    def init(self, it: Iterate) -> None:
         return None
 
-    def step(self, state, z, fz, active, evaluate):
+    def causal(self, length: int) -> "FixedPoint":
+        return self  # row by row: position t's step uses its own row only
+
+    def step(self, state, it, active, evaluate):
         # lerp with a per-sample weight (damping, or 0 for stopped samples) is
-        # exact at weights 0 and 1 and cheaper than torch.where on CPU.
-        weight = active.to(z.dtype)
+        # exact at weights 0 and 1 (the undamped step is f(z) to the bit, as the
+        # unrolled network computes it) and cheaper than torch.where on CPU.
+        weight = active.to(it.z.dtype)
         if self.damping != 1.0:
             weight = weight * self.damping
-        z_new = z.lerp(fz, weight[:, None])
-        return state, z_new, evaluate(z_new, active)
+        z_new = it.z.lerp(it.fz, weight[:, None])
+        fz = evaluate(z_new, active)
+        return state, z_new, fz, fz - z_new
