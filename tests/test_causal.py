@@ -8,7 +8,6 @@ outputs without causal mode (the tests have teeth).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest

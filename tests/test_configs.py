@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import sys
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 import deq
+from experiments.config import build, register_resolvers
+from experiments.tasks import LanguageModeling
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-sys.path.insert(0, str(REPO / "experiments"))
-import _loop  # noqa: E402  (registers the ${repo_path:...} resolver)
-
-_loop.register_resolvers()
+register_resolvers()
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 # Full-size models: built on the meta device (no memory, no initialisation cost).
@@ -33,10 +32,7 @@ def _hydra():
 
 
 def _compose(*overrides: str):
-    cfg = compose("train", overrides=list(overrides))
-    if cfg.data.vocab_size is None:  # the samples take it from the corpus; any size builds the model
-        cfg.data.vocab_size = 500
-    return cfg
+    return compose("train", overrides=list(overrides))
 
 
 def _plain(node) -> dict:
@@ -64,7 +60,7 @@ def test_default_is_copy_memory():
     # The embedded default composes to exactly the copy_memory overlay.
     a, b = _compose(), _compose("experiment=copy_memory")
     assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
-    assert a.data.task == "copy_memory" and a.train.compare_explicit
+    assert a.data._target_ == "experiments.tasks.CopyMemoryTask" and a.train.compare_explicit
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -82,13 +78,17 @@ def test_experiment_instantiates_what_the_yaml_says(name):
     for key, value in _plain(cfg.optim.optimizer).items():
         got = group[key]
         assert (list(got) if isinstance(got, tuple) else got) == value, key
-    _loop.Schedule(optimizer, cfg.optim.scheduler)  # a known schedule with valid options
+    schedule = instantiate(cfg.schedule)  # a known schedule with valid options
+    _check_fields(schedule, cfg.schedule)
+    # The task is built from the data files at run time; here its constructor must accept the keys.
+    task_args = inspect.signature(get_class(cfg.data._target_)).parameters
+    assert set(_plain(cfg.data)) | {"rank", "world_size", "device"} == set(task_args)
 
     if name in HUGE:
         with torch.device("meta"):
-            model = _loop.build_model(cfg)
+            model = instantiate(cfg.model)
     else:
-        model = _loop.build_model(cfg)
+        model = instantiate(cfg.model)
     layer = model.deq
     assert isinstance(layer, deq.DEQLayer)
     assert layer.solver == solver and layer.backward == grad
@@ -125,8 +125,12 @@ def test_wt103_transformer_recipe():
     assert cfg.model.dropout == 0.05 and cfg.model.weight_norm and not cfg.model.pre_lnorm
     assert (cfg.data.tgt_len, cfg.model.mem_len, cfg.train.eval_mem_len, cfg.data.batch_size) == (150, 150, 300, 56)
     assert cfg.optim.optimizer._target_ == "torch.optim.Adam" and cfg.optim.optimizer.lr == 2.5e-4
-    s = cfg.optim.scheduler
-    assert (s.name, s.warmup_steps, s.max_steps, cfg.optim.clip) == ("cosine", 16000, 300000, 0.25)
+    s = cfg.schedule
+    assert (s._target_, s.warmup_steps, s.max_steps, cfg.optim.clip) == ("experiments.schedules.Cosine", 16000,
+                                                                          300000, 0.25)
+    # The 2021 DEQ-Transformer code: seed 1111, Anderson with m=6 (locuslab/deq).
+    assert cfg.seed == 1111 and instantiate(cfg.solver) == deq.Anderson(m=6, lam=1e-4, beta=1.0)
+    assert cfg.train.precision == "bf16"
     assert (cfg.train.pretrain_steps, cfg.train.unroll_steps) == (32000, 2)
     assert cfg.solver._target_ == "deq.Anderson" and (cfg.deq.max_iter, cfg.deq.tol, cfg.deq.stop_mode) == (
         30, 1e-3, "rel")
@@ -143,7 +147,8 @@ def test_ptb_trellisnet_recipe():
     o = cfg.optim.optimizer
     assert (o._target_, o.lr, o.weight_decay) == ("torch.optim.SGD", 20.0, 1.2e-6)
     assert (cfg.data.batch_size, cfg.data.tgt_len) == (16, 110)
-    assert cfg.train.pretrain_steps > 0 and cfg.optim.scheduler.name == "plateau"
+    assert cfg.train.pretrain_steps > 0 and cfg.schedule._target_ == "experiments.schedules.Plateau"
+    assert (cfg.schedule.factor, cfg.schedule.patience, cfg.schedule.min_lr) == (0.25, 10, 0.02)
 
 
 def _group_objects(group: str) -> dict:
@@ -169,21 +174,21 @@ def test_sample_data_root_is_absolute_and_independent_of_the_working_directory(t
     assert _compose("data.root=/somewhere/else", "data=ptb").data.root == "/somewhere/else"
 
 
-def test_unknown_schedule_is_a_value_error():
-    cfg = _compose("optim.scheduler.name=linear")
-    with pytest.raises(ValueError, match="unknown optim.scheduler.name 'linear'; known: constant, cosine, plateau"):
-        _loop.Schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), cfg.optim.scheduler)
+def test_unknown_schedule_is_a_composition_error():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="schedule"):
+        _compose("schedule=linear")
 
 
-def test_cosine_schedule_values():
-    cfg = _compose("optim.scheduler.name=cosine", "optim.scheduler.warmup_steps=4", "optim.scheduler.max_steps=12",
-                   "optim.scheduler.eta_min=0.1", "optim.optimizer.lr=1.0")
-    opt = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(1))])
-    sched = _loop.Schedule(opt, cfg.optim.scheduler)
-    lrs = []
-    for _ in range(14):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.after_step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[4] == pytest.approx(1.0) and lrs[8] == pytest.approx(0.55) and lrs[12:] == pytest.approx([0.1, 0.1])
+def test_wikitext2_config_reads_the_wikitext2_files(tmp_path):
+    folder = tmp_path / "wikitext-2"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"wiki.{split}.tokens").write_text(" = Valkyria Chronicles = \n" * 400)
+    cfg = _compose("data=wikitext2", f"data.root={tmp_path}")
+    assert cfg.data.name == "wikitext-2" and cfg.data.vocab_size == 33278
+    with pytest.raises(ValueError, match="data.vocab_size=33278 but the wikitext-2 corpus .* has 4 words"):
+        build(cfg.data)
+    task = instantiate(cfg.data, vocab_size=4)
+    assert isinstance(task, LanguageModeling) and task.eval_splits == ("valid", "test")

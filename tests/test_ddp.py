@@ -1,12 +1,13 @@
 """DistributedDataParallel on CPU (gloo, 2 processes): gradients through the DEQ layer's
-custom backward equal one process's on the concatenated batch, and train() runs under DDP."""
+custom backward equal one process's on the concatenated batch, train() runs under DDP, and a
+resumed DDP run is bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from experiments import checkpoint, distributed
+from experiments.config import build
+from experiments.state import seed_everything
+from experiments.step import StepPlan, Stepper
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-sys.path.insert(0, str(REPO / "experiments"))
 
 WORLD = 2
 # (model family, backward, extra overrides): float64, dropout off, tight tolerances, so that the
@@ -64,38 +69,46 @@ def _overrides(case: str) -> list[str]:
 
 def _gradients(case: str, info, device) -> tuple[float, dict[str, torch.Tensor]]:
     """Mean loss over the global batch and the gradients after DDP's all-reduce (one process: plain)."""
-    import _loop
-
     torch.set_num_threads(1)
     cfg = _compose(_overrides(case))
-    _loop.seed_everything(0)
-    data = _loop.build_data(cfg, info=info, device=device)
-    model = _loop.build_model(cfg).double()
-    model.deq.unroll_steps = None
-    net = _loop.wrap_ddp(model, info, device)
-    pos, x, y, _ = data.next_train({"epoch": 0, "segment": 0})
-    out = _loop.forward_backward(net, model, x, y, None, info=info, device=device,
-                                 autocast=_loop.autocast_for(device, False))
+    seed_everything(0)
+    task = build(cfg.data, rank=info.rank, world_size=info.world_size, device=device)
+    model = build(cfg.model).double()
+    model.set_unroll_steps(None)
+    net = distributed.wrap(model, info, device)
+    # lr 0: the step leaves the parameters and their gradients as the backward made them (no clipping).
+    stepper = Stepper(net=net, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), clip=None,
+                      precision="fp32", scaler=None, info=info, device=device)
+    batch = task.train_batch(0)
+    out = stepper.step(batch.input, batch.target, mems=None, plan=StepPlan(unrolled=False))
     assert out.ok, out.reason
-    assert bool(out.result.converged.all()), f"{case}: forward solve not converged"
+    result = model.deq.last_result
+    assert bool(result.converged.all()), f"{case}: forward solve not converged"
     if not case.endswith("upg"):
-        assert bool(out.result.backward.converged.all()), f"{case}: backward solve not converged"
+        assert bool(result.backward.converged.all()), f"{case}: backward solve not converged"
     return out.loss, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _train_lines(path: Path) -> list[tuple]:
+    lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["tokens"], r["grad_norm"]) for r in lines if r["kind"] == "train"]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        import _loop
-        from train import train
+        from experiments.train import train
 
-        info = _loop.setup_distributed("cpu")
+        info = distributed.setup("cpu")
         assert (info.rank, info.world_size, info.owned) == (rank, WORLD, False)
         device = torch.device("cpu")
         results = {case: _gradients(case, info, device) for case in CASES}
-        result = train(_compose(TRAIN + [f"out_dir={out_dir}/train"]))
-        results["train"] = (result["history"], result["valid"]["loss"])
+        result = train(_compose(TRAIN + [f"out_dir={out_dir}/train"]))["deq"]
+        results["train"] = (_train_lines(Path(out_dir) / "train"), result.valid["loss"])
+        # Stopped after 2 steps, then resumed: the same run as the one above.
+        train(_compose(TRAIN + [f"out_dir={out_dir}/split", "train.max_steps=2"]))
+        train(_compose(TRAIN + [f"out_dir={out_dir}/split", "resume=true"]))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -110,10 +123,8 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ddp_gradients_equal_one_process_on_the_whole_batch(ddp_results, case):
-    import _loop
-
     _, ranks = ddp_results
-    loss, grads = _gradients(case, _loop.DistInfo(), torch.device("cpu"))
+    loss, grads = _gradients(case, distributed.DistInfo(), torch.device("cpu"))
     for rank, res in enumerate(ranks):
         ddp_loss, ddp_grads = res[case]
         assert ddp_loss == pytest.approx(loss, rel=1e-10), rank
@@ -124,15 +135,26 @@ def test_ddp_gradients_equal_one_process_on_the_whole_batch(ddp_results, case):
 
 
 def test_train_under_ddp_matches_one_process(ddp_results, tmp_path):
-    from train import train
+    from experiments.train import train
 
     out, ranks = ddp_results
-    history, valid = ranks[0]["train"]
+    lines, valid = ranks[0]["train"]
     assert ranks[1]["train"] == ranks[0]["train"]  # every rank logs the all-reduced loss
-    single = train(_compose(TRAIN + [f"out_dir={tmp_path}"]))
+    single = train(_compose(TRAIN + [f"out_dir={tmp_path}"]))["deq"]
     # float32 and the default tolerances: equal up to round-off of the split batch.
-    assert [s for s, _ in history] == [1, 2, 3]
-    for (_, a), (_, b) in zip(history, single["history"]):
-        assert math.isfinite(a) and a == pytest.approx(b, rel=1e-4)
-    assert valid == pytest.approx(single["valid"]["loss"], rel=1e-3)
+    assert [s for s, *_ in lines] == [1, 2, 3]
+    for (_, a, tokens, _), (_, b, single_tokens, _) in zip(lines, _train_lines(tmp_path)):
+        assert math.isfinite(a) and a == pytest.approx(b, rel=1e-4) and tokens == single_tokens
+    assert valid == pytest.approx(single.valid["loss"], rel=1e-3)
     assert (out / "train" / "checkpoint.pt").is_file() and (out / "train" / "metrics.jsonl").is_file()
+
+
+def test_resume_under_ddp_is_bit_exact(ddp_results):
+    out, _ = ddp_results
+    assert _train_lines(out / "split") == _train_lines(out / "train")
+    whole, split = checkpoint.load(out / "train" / "checkpoint.pt"), checkpoint.load(out / "split" / "checkpoint.pt")
+    assert whole["world_size"] == split["world_size"] == WORLD
+    for key, value in whole["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    for rank in range(WORLD):  # each rank's RNG stream continued where it stopped
+        assert torch.equal(whole["ranks"][rank]["rng"]["torch"], split["ranks"][rank]["rng"]["torch"])

@@ -32,20 +32,15 @@ import argparse
 import functools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import problems  # noqa: E402
-
-import deq  # noqa: E402
-from deq.models import DEQTransformerLM, DEQTrellisNetLM  # noqa: E402
-from deq.models.weight_norm import cached_weights  # noqa: E402
+import deq
+from deq.models import DEQTransformerLM, DEQTrellisNetLM
+from deq.models.weight_norm import cached_weights
+from experiments.benchmarks import problems
 
 TOLS = (1e-3, 1e-6)
 SOLVERS = ("fixed_point", "anderson", "broyden")

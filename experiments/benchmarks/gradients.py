@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -61,12 +60,10 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import problems  # noqa: E402  (the shared equilibrium functions, next to this file)
-
-import deq  # noqa: E402
-from deq import JFB, NPG, UPG, DEQLayer, Implicit  # noqa: E402
-from deq.reg import spectral_radius  # noqa: E402
+import deq
+from deq import JFB, NPG, UPG, DEQLayer, Implicit
+from deq.reg import spectral_radius
+from experiments.benchmarks import problems  # the shared equilibrium functions
 
 MiB = 2 ** 20
 

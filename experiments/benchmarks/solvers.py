@@ -40,19 +40,15 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import problems  # noqa: E402
-from deq.layer import select_rows  # noqa: E402
-from deq.solvers import Anderson, Broyden, FixedPoint, Solver, solve  # noqa: E402
+from deq.layer import select_rows
+from deq.solvers import Anderson, Broyden, FixedPoint, Solver, solve
+from experiments.benchmarks import problems
 
 TOLS = (1e-4, 1e-6)
 SOLVERS = {
