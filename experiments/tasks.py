@@ -127,6 +127,7 @@ class LanguageModeling:
             raise ConfigError([f"data.vocab_size={vocab_size} but the {name} corpus in {root} has "
                                f"{len(corpus.vocab)} words; set data.vocab_size={len(corpus.vocab)}"])
         self.name, self.root, self.vocab_size = name, root, vocab_size
+        self.files = dict(corpus.files)
         self.eval_tgt_len = eval_tgt_len
         rows = self._rows(corpus.train, "train", "batch_size", batch_size, "tgt_len", tgt_len, info, device)
         self.segments = Segments(rows, tgt_len=tgt_len)
@@ -142,7 +143,7 @@ class LanguageModeling:
               info: DistInfo, device: torch.device | str) -> Tensor:
         """``ids`` batchified into ``batch`` rows (this rank's share), after checking it is long enough."""
         columns = ids.numel() // batch
-        where = f"the {split} split ({_corpus_file(self.name, self.root, split)}, {ids.numel()} tokens)"
+        where = f"the {split} split ({self.files.get(split, Path(self.root) / self.name)}, {ids.numel()} tokens)"
         if columns < 2:
             fix = (f"so at most data.{batch_key}={ids.numel() // 2}" if ids.numel() >= 2 else
                    "and the split has fewer than 2")
@@ -174,15 +175,6 @@ class LanguageModeling:
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"ppl {metrics['ppl']:.2f}"
-
-
-def _corpus_file(name: str, root: str, split: str) -> Path | str:
-    """The file :func:`deq.data.load_corpus` reads for ``split`` (the corpus folder if unknown)."""
-    from deq.data import corpus as _corpus  # the split -> file table has no public accessor yet
-
-    spec = getattr(_corpus, "_SPECS", {}).get(name)
-    folder = Path(root) / name
-    return folder / spec.files[split] if spec is not None and split in spec.files else folder
 
 
 class CopyMemoryTask:
