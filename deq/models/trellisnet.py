@@ -296,9 +296,17 @@ class DEQTrellisNetLM(nn.Module):
         """
         self.deq.unroll_steps = steps
 
+    def _check_prefix(self, prefix: Tensor | None, batch: int) -> int:
+        if prefix is None:
+            return 0
+        if prefix.dim() != 2 or prefix.shape[0] != batch or prefix.shape[1] > self.kernel_size - 1:
+            raise ValueError(f"prefix must be (B={batch}, P) token ids with P <= kernel_size - 1 = "
+                             f"{self.kernel_size - 1}, got shape {tuple(prefix.shape)}")
+        return prefix.shape[1]
+
     def forward(self, input: Tensor, target: Tensor | None = None, *,
-                mems: tuple[Tensor, Tensor] | None = None, max_iter: int | None = None,
-                jac_reg: int = 0) -> LMOutput:
+                mems: tuple[Tensor, Tensor] | None = None, prefix: Tensor | None = None,
+                max_iter: int | None = None, jac_reg: int = 0) -> LMOutput:
         """Score one segment of tokens and hand its history to the next.
 
         Args:
@@ -306,6 +314,12 @@ class DEQTrellisNetLM(nn.Module):
             target: ``(B, L)`` next-token ids, or ``None`` to get log-probabilities.
             mems: ``(h0, c0)`` from the previous segment's :class:`LMOutput`
                 (each ``(B, nhid + nout, 1)``); ``None`` starts from zeros.
+            prefix: ``(B, P)`` token ids just before ``input``, ``P <= kernel_size - 1``:
+                the injection's left context (its convolution reads the
+                ``kernel_size - 1`` inputs before each position). ``None``:
+                zeros, as the DEQ-TrellisNet code has at a segment's start.
+                With ``mems`` and ``prefix`` a segment continues the previous
+                one exactly (token-by-token decoding uses this).
             max_iter: this call's forward solver budget (see :class:`deq.DEQLayer`).
             jac_reg: Hutchinson probes of the Jacobian regulariser at ``z*``;
                 with ``jac_reg > 0`` the output's ``jac_loss`` holds it.
@@ -314,16 +328,19 @@ class DEQTrellisNetLM(nn.Module):
             :class:`LMOutput` (loss, nll_sum, n_tokens, mems, logits, jac_loss).
 
         Raises:
-            ValueError: ``input`` not 2-D, ``target`` of another shape, bad ``mems``.
+            ValueError: ``input`` not 2-D, ``target`` of another shape, bad ``mems``
+                or ``prefix``.
         """
         if input.dim() != 2:
             raise ValueError(f"input must be (batch, length) token ids, got shape {tuple(input.shape)}")
         if target is not None and target.shape != input.shape:
             raise ValueError(f"target must have the shape of input {tuple(input.shape)}, got {tuple(target.shape)}")
         batch, length = input.shape
-        emb = embedding_dropout(input, self.embedding_weight, self.emb_dropout, training=self.training)
-        emb = locked_dropout(emb, self.dropouti, time_dim=1, training=self.training)     # (B, L, ninp)
-        x = emb.transpose(1, 2)                                                         # (B, ninp, L)
+        before = self._check_prefix(prefix, batch)
+        tokens = input if before == 0 else torch.cat([prefix, input], dim=1)
+        emb = embedding_dropout(tokens, self.embedding_weight, self.emb_dropout, training=self.training)
+        emb = locked_dropout(emb, self.dropouti, time_dim=1, training=self.training)     # (B, P + L, ninp)
+        x = emb.transpose(1, 2)                                                         # (B, ninp, P + L)
         h0, c0 = self._history(mems, batch, like=x)
 
         # Masks first (WeightDropout is part of the cached weights), then weights once per segment.
@@ -332,7 +349,7 @@ class DEQTrellisNetLM(nn.Module):
         if dropconnect is not None:
             dropconnect.reset(self.inject_conv.parametrizations.weight.original1)
         with cached_weights(self):
-            u = self.inject_conv(F.pad(x, (self.kernel_size - 1, 0)))                  # (B, 4H, L)
+            u = self.inject_conv(F.pad(x, (self.kernel_size - 1 - before, 0)))         # (B, 4H, L)
             z0 = (x.new_zeros(batch, self.h_size, length), x.new_zeros(batch, self.h_size, length))
             z = self.deq((u, h0, c0), z0=z0, max_iter=max_iter, jac_reg=jac_reg)
         (h, c), jac_loss = z if jac_reg else (z, None)
