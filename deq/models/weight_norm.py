@@ -210,23 +210,23 @@ def _dropped(v: Tensor, keep: Tensor | None, scale: float) -> Tensor:
     return v if keep is None else dropconnect(v, keep, scale)
 
 
-def _kernel(g: Tensor, v: Tensor, keep: Tensor | None, scale: float, dim: int | None) -> Tensor:
-    """``w = g * v' / ||v'||`` with ``v'`` the DropConnect-ed direction."""
+def _kernel(g: Tensor, v: Tensor, keep: Tensor | None, scale: float) -> Tensor:
+    """``w = g * v' / ||v'||`` (norm per output channel) with ``v'`` the DropConnect-ed direction."""
     v = _dropped(v, keep, scale)
-    return v * (g / _norm_except(v, dim))
+    return v * (g / _norm_except(v, 0))
 
 
-def _kernel_vjp(grad_w: Tensor, g: Tensor, v: Tensor, keep: Tensor | None, scale: float,
-                dim: int | None) -> tuple[Tensor, Tensor]:
+def _kernel_vjp(grad_w: Tensor, g: Tensor, v: Tensor, keep: Tensor | None,
+                scale: float) -> tuple[Tensor, Tensor]:
     """``(dL/dg, dL/dv)`` from ``G = dL/dw`` for ``w = g v' / n``, ``n = ||v'||``, ``v' = D(v)``.
 
     ``dL/dg = <G, v'> / n`` and ``dL/dv' = (g / n) (G - v' <G, v'> / n^2)``, sums
-    over the normalised dims; ``dL/dv = D(dL/dv')``, DropConnect ``D`` being
+    over each output channel; ``dL/dv = D(dL/dv')``, DropConnect ``D`` being
     diagonal. Plain differentiable ops, so this VJP can itself be
     differentiated (``create_graph=True``).
     """
     v = _dropped(v, keep, scale)
-    dims = _dims_except(v, dim)
+    dims = _dims_except(v, 0)
     norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
     dot = (grad_w * v).sum(dim=dims, keepdim=True)
     grad_g = dot / norm
@@ -248,12 +248,12 @@ class _WeightNormConv1dFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, g, v, bias, keep, scale, dim, stride, padding, dilation, groups):
+    def forward(ctx, x, g, v, bias, keep, scale, stride, padding, dilation, groups):
         ctx.save_for_backward(x, g, v, keep)
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.dim, ctx.scale = dim, scale
+        ctx.scale = scale
         ctx.bias = None if bias is None else (list(bias.shape), bias.dtype)
-        return F.conv1d(x, _kernel(g, v, keep, scale, dim), bias, stride, padding, dilation, groups)
+        return F.conv1d(x, _kernel(g, v, keep, scale), bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -263,20 +263,20 @@ class _WeightNormConv1dFn(torch.autograd.Function):
         need_x, need_g, need_v, need_b = ctx.needs_input_grad[:4]
         need_w = need_g or need_v
         dtype = grad_out.dtype  # the convolution's dtype (the autocast dtype under autocast)
-        w = _kernel(g, v, keep, scale, ctx.dim).to(dtype)
+        w = _kernel(g, v, keep, scale).to(dtype)
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, x.to(dtype), w, None if ctx.bias is None else ctx.bias[0], [stride], [padding], [dilation],
             False, [0], groups, [need_x, need_w, need_b])
         grad_g = grad_v = None
         if need_w:
-            grad_g, grad_v = _kernel_vjp(grad_w.to(v.dtype), g, v, keep, scale, ctx.dim)
+            grad_g, grad_v = _kernel_vjp(grad_w.to(v.dtype), g, v, keep, scale)
         return (grad_x.to(x.dtype) if need_x else None, grad_g if need_g else None, grad_v if need_v else None,
-                grad_b.to(ctx.bias[1]) if need_b else None, *(None,) * 7)
+                grad_b.to(ctx.bias[1]) if need_b else None, *(None,) * 6)
 
 
 def weight_norm_conv1d(x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None = None, *,
-                       dropconnect: tuple[Tensor, float] | None = None, dim: int | None = 0, stride: int = 1,
-                       padding: int = 0, dilation: int = 1, groups: int = 1) -> Tensor:
+                       dropconnect: tuple[Tensor, float] | None = None, stride: int = 1, padding: int = 0,
+                       dilation: int = 1, groups: int = 1) -> Tensor:
     """``F.conv1d(x, w, bias, ...)`` with ``w = g * v' / ||v'||``, the kernel not saved for backward.
 
     ``v'`` is ``v`` after DropConnect with ``dropconnect = (mask, scale)`` as
@@ -284,17 +284,17 @@ def weight_norm_conv1d(x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None = No
     :func:`deq.models.dropout.dropconnect`), else ``v`` itself. The same value
     and gradients as building ``w`` with autograd and calling ``F.conv1d``, but
     autograd keeps ``x``, ``g``, ``v`` and the bool mask instead of ``w`` and
-    ``v'``: the backward recomputes ``w``. See the module docstring.
+    ``v'``: the backward recomputes ``w``. The norm is per output channel
+    (weight norm with ``dim=0``). See the module docstring.
 
     Args:
         x: ``(B, C_in, L)`` input.
-        g: the norms, ``(C_out, 1, 1)`` for ``dim=0``.
+        g: the norms, ``(C_out, 1, 1)``.
         v: the direction, ``(C_out, C_in / groups, k)``.
         bias: ``(C_out,)`` or ``None``.
         dropconnect: ``(mask, scale)``: a bool keep mask of ``v``'s shape, or
             one tap short for temporal DropConnect, and ``1 / (1 - p)``;
             ``None`` for no DropConnect.
-        dim: the dimension of ``v`` kept out of the norm (0: per output channel).
         stride, padding, dilation, groups: as in ``F.conv1d`` (integers).
 
     Returns:
@@ -307,7 +307,7 @@ def weight_norm_conv1d(x: Tensor, g: Tensor, v: Tensor, bias: Tensor | None = No
     if keep is not None and keep.shape not in (v.shape, (*v.shape[:-1], v.shape[-1] - 1)):
         raise ValueError(f"the DropConnect mask has shape {tuple(keep.shape)}, which does not fit the weight "
                          f"direction v {tuple(v.shape)}")
-    return _WeightNormConv1dFn.apply(x, g, v, bias, keep, scale, dim, stride, padding, dilation, groups)
+    return _WeightNormConv1dFn.apply(x, g, v, bias, keep, scale, stride, padding, dilation, groups)
 
 
 class WeightNormConv1d(nn.Conv1d):
@@ -335,6 +335,11 @@ class WeightNormConv1d(nn.Conv1d):
 
     Raises:
         ValueError: ``dropconnect`` outside ``[0, 1)``.
+
+    Example:
+        >>> conv = WeightNormConv1d(16, 64, 2, dropconnect=0.5, init_std=0.01)
+        >>> conv.reset_dropconnect()                     # once per segment, outside the solver
+        >>> y = conv(torch.randn(8, 16, 31))             # (8, 64, 30); no kernel kept for backward
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
@@ -362,6 +367,6 @@ class WeightNormConv1d(nn.Conv1d):
         """
         g, v = weight_norm_tensors(self)
         drop = weight_dropconnect(self)
-        return weight_norm_conv1d(x, g, v, self.bias, dropconnect=None if drop is None else drop.factors(), dim=0,
+        return weight_norm_conv1d(x, g, v, self.bias, dropconnect=None if drop is None else drop.factors(),
                                   stride=self.stride[0], padding=self.padding[0], dilation=self.dilation[0],
                                   groups=self.groups)
