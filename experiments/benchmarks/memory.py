@@ -381,8 +381,9 @@ def measure_protocol(name: str, spec: dict, *, device: torch.device, batch: int 
     depth = spec["twin"]
     model_bytes, layer_bytes = _twin_counts(model, inp, tgt, mems, embeddings, depth, extrapolate=not cuda)
     model.deq.unroll_steps = depth
+    peak = _cuda_peak(model, inp, tgt, mems, device) if cuda else None
     rows.append(dict(family=name, method=f"explicit L={depth}", model_bytes=model_bytes, layer_bytes=layer_bytes,
-                     extrapolated=not cuda, cuda_peak_bytes=_cuda_peak(model, inp, tgt, mems, device) if cuda else None))
+                     extrapolated=not cuda, cuda_peak_bytes=peak))
     twin = rows[-1]
     for r in rows:
         r["model_vs_twin"] = r["model_bytes"] / twin["model_bytes"]
