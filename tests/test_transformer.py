@@ -11,6 +11,7 @@ equilibria iterate plainly.)
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -158,11 +159,8 @@ def _naive_block(block, z, x):
             scores.append(a / dh ** 0.5)
         prob = torch.softmax(torch.stack(scores, -1), -1)  # (B, H, n_keys)
         out[:, i] = torch.einsum("bhj,bjhd->bhd", prob, v[:, :mlen + i + 1])
-    h = z + block.o_net(out.reshape(batch, qlen, heads * dh))
-    if not block.pre_lnorm:
-        h = F.layer_norm(h, (d,))
-    ff_in = F.layer_norm(h, (d,)) if block.pre_lnorm else h
-    res = h + block.ff2(F.relu(block.ff1(ff_in)))
+    h = F.layer_norm(z + block.o_net(out.reshape(batch, qlen, heads * dh)), (d,))
+    res = h + block.ff2(F.relu(block.ff1(h)))  # pre-LN: the residual is LN(h) too
     return res if block.pre_lnorm else F.layer_norm(res, (d,))
 
 
@@ -184,6 +182,127 @@ def test_block_matches_naive_relative_attention(pre_lnorm, mlen):
     block = model.block
     block.reset_dropout(2, 5, 5 + mlen, like=z)
     torch.testing.assert_close(block(z, x), _naive_block(block, z, x), rtol=0, atol=1e-12)
+
+
+def _original_block(weights, z, x, masks, *, pre_lnorm):
+    """The DEQ-Transformer code's equilibrium function, from its equations, in its layout.
+
+    ``RelPartialLearnableDecoderLayer`` of locuslab/deq (``DEQModel/models/transformers/
+    deq_transformer.py``, 2019, and ``DEQ-Sequence/models/deq_transformer.py``, 2021):
+    ``WeightShareSelfAttention`` then ``WeightSharePositionwiseFF``, channels first
+    ``(B, C, L)``, 1x1 convolutions, the pad-and-view relative shift. Its Pre-LN path::
+
+        out    = z + drop(W_o attn(LN([mem ; z])))             (no LayerNorm after)
+        inp    = LN(out)
+        f(z)   = drop2(W_2 drop1(relu(W_1 inp + b_1)) + b_2) + inp
+
+    Written from the weights alone: nothing of ours is called. ``masks`` are
+    ``(att, attn_out, ff_inner, ff_out)`` in the original's shapes ``(B, H, L, K)``,
+    ``(B, d, 1)``, ``(B, 1, d_inner)``, ``(B, 1, d)``, or ``None`` (eval mode).
+    """
+    w_qkv, w_r, w_o, b_o, w_1, b_1, w_2, b_2, r_w_bias, r_r_bias = weights
+    n_head, d_head = r_w_bias.shape
+    z1ss, u1ss = z.transpose(1, 2), x.u.transpose(1, 2)       # (B, d, L), (B, 3 H D, M + L)
+    mems, pos_emb = x.mem.transpose(1, 2), x.pos.T[None]       # (B, d, M), (1, d, M + L)
+    bsz, d_model, qlen = z1ss.shape
+    mlen = mems.shape[2]
+    klen = mlen + qlen
+
+    def layer_norm_channels(t):  # LayerNorm over the channels of (B, C, L), no affine
+        return F.layer_norm(t.transpose(1, 2), (d_model,)).transpose(1, 2)
+
+    cat = torch.cat([mems, z1ss], dim=-1)
+    if pre_lnorm:
+        cat = layer_norm_channels(cat)
+    w_heads = F.conv1d(cat, w_qkv[..., None]) + u1ss
+    r_head_k = F.conv1d(pos_emb, w_r[..., None]).view(n_head, d_head, klen)
+    q, k, v = torch.chunk(w_heads, 3, dim=1)
+    q = q[:, :, -qlen:].reshape(bsz, n_head, d_head, qlen)
+    k, v = k.reshape(bsz, n_head, d_head, klen), v.reshape(bsz, n_head, d_head, klen)
+    ac = torch.einsum("bndi,bndj->bnij", q + r_w_bias[:, :, None], k)
+    bd = torch.einsum("bndi,ndj->bnij", q + r_r_bias[:, :, None], r_head_k)
+    bd = F.pad(bd, (1, 0)).view(bsz, n_head, klen + 1, qlen)[:, :, 1:].reshape(bsz, n_head, qlen, klen)
+    score = (ac + bd) / d_head ** 0.5
+    score = score.masked_fill(torch.triu(torch.ones(qlen, klen), diagonal=1 + mlen).bool(), float("-inf"))
+    prob = F.softmax(score, dim=-1)
+    if masks is not None:
+        prob = prob * masks[0]
+    attn_vec = torch.einsum("bnij,bndj->bndi", prob, v).reshape(bsz, n_head * d_head, qlen)
+    attn_out = F.conv1d(attn_vec, w_o[..., None], b_o)
+    if masks is not None:
+        attn_out = attn_out * masks[1]
+    out = attn_out + z1ss if pre_lnorm else layer_norm_channels(attn_out + z1ss)
+    inp = out.transpose(1, 2)                                  # the FFN in (B, L, C)
+    if pre_lnorm:
+        inp = F.layer_norm(inp, (d_model,))
+    relu_out1 = F.relu(inp @ w_1.T + b_1)
+    if masks is not None:
+        relu_out1 = relu_out1 * masks[2]
+    out2 = relu_out1 @ w_2.T + b_2
+    if masks is not None:
+        out2 = out2 * masks[3]
+    output = out2 + inp
+    return output if pre_lnorm else F.layer_norm(output, (d_model,))
+
+
+@pytest.mark.parametrize("pre_lnorm", [True, False])
+@pytest.mark.parametrize("mlen", [0, 3])
+@pytest.mark.parametrize("training", [False, True])
+def test_block_matches_the_original_equations(pre_lnorm, mlen, training):
+    """Our block equals the DEQ-Transformer code's, Pre-LN and Post-LN, eval mode and with its dropout masks."""
+    model = make_model(pre_lnorm=pre_lnorm, init_std=0.3, dropout=0.3, dropatt=0.2).train(training)
+    block = model.block
+    with torch.no_grad():  # nonzero biases, so that a misplaced one shows
+        for param in (block.o_net.bias, block.ff1.bias, block.ff2.bias):
+            param.normal_(0.0, 0.5)
+    z, x = _block_input(model, batch=3, qlen=5, mlen=mlen)
+    z = 3.0 * z  # |f| of a few units, where LN(h) and h differ by O(1)
+    block.reset_dropout(3, 5, 5 + mlen, like=z)
+    masks = None
+    if training:
+        masks = (block.drop_att.mask.squeeze(-1), block.drop_attn_out.mask.transpose(1, 2),
+                 block.drop_ff_inner.mask, block.drop_ff_out.mask)
+        assert all((m == 0).any() and (m > 0).any() for m in masks)
+    weights = tuple(t.detach() for t in (block.qkv_net.weight, block.r_net.weight, block.o_net.weight,
+                                         block.o_net.bias, block.ff1.weight, block.ff1.bias, block.ff2.weight,
+                                         block.ff2.bias, block.r_w_bias, block.r_r_bias))
+    with torch.no_grad():
+        ours, ref = block(z, x), _original_block(weights, z, x, masks, pre_lnorm=pre_lnorm)
+    assert ours.dtype == torch.float64 and ref.abs().amax() > 1.0
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_pre_ln_output_is_bounded_whatever_z():
+    """Pre-LN f(z) = LN(h) + FFN(LN(h)): each position's norm is at most
+    sqrt(d) + ||W_2|| (||W_1|| sqrt(d) + ||b_1||) + ||b_2||, however large z is
+    (h + FFN(LN(h)) would carry z through and grow with it)."""
+    model = make_model(pre_lnorm=True).eval()
+    block = model.block
+    z, x = _block_input(model, batch=2, qlen=5, mlen=3)
+    d = model.d_model
+    spec = lambda w: torch.linalg.matrix_norm(w.detach(), ord=2)
+    bound = (d ** 0.5 + spec(block.ff2.weight) * (spec(block.ff1.weight) * d ** 0.5 + block.ff1.bias.norm())
+             + block.ff2.bias.norm())
+    block.reset_dropout(2, 5, 8, like=z)
+    with torch.no_grad():
+        for scale in (1.0, 1e3, 1e6):
+            assert block(scale * z, x).norm(dim=-1).amax() <= bound
+
+
+def test_pre_ln_tiny_preset_does_not_diverge_at_initialisation():
+    """At initialisation the Pre-LN tiny preset predicts about uniformly (NLL ~ ln V), as Post-LN does:
+    with the residual on h rather than LN(h), its DEQ reached NLLs of 1e2 to 1e6 here."""
+    torch.manual_seed(0)
+    layer = functools.partial(deq.DEQLayer, solver="broyden", max_iter=30, tol=1e-4, on_nonconvergence="ignore")
+    cfg = {**TRANSFORMER_PRESETS["tiny"], "pre_lnorm": True}
+    model = DEQTransformerLM(**cfg, deq_layer=layer).eval()
+    data = tokens(4, 33, n_token=cfg["n_token"], seed=0)
+    mems = None
+    with torch.no_grad():
+        for s in range(2):
+            out = model(data[:, 16 * s:16 * s + 16], data[:, 16 * s + 1:16 * s + 17], mems=mems)
+            mems = out.mems
+            assert abs(out.loss.item() - math.log(cfg["n_token"])) < 0.05
 
 
 # ----------------------------------------------------------------------------
@@ -354,6 +473,42 @@ def test_dropout_masks_fixed_within_segment_redrawn_across(unrolled):
     for h in handles:
         h.remove()
     out2.loss.backward()
+
+
+@pytest.mark.parametrize("p", [0.2, 0.8])
+def test_output_dropout_zeroes_whole_token_positions(p):
+    """The mask on z* before the softmax is (B, L, 1), as in the DEQ-Transformer code (which drops
+    dim 1 of its (B, d, L) state): a position is kept or dropped in all its channels, positions of
+    one sequence independently; keep fraction 1 - p, kept positions scaled by 1 / (1 - p)."""
+    model = make_model(dropout=p, solver=deq.FixedPoint(), max_iter=2, tol=1e-30).train()
+    model.deq.unroll_steps = 2
+    # No exact zeros in z* of its own: dropout inside f off, and nonzero biases (the input
+    # dropout may zero a whole embedding).
+    for drop in (model.block.drop_attn_out, model.block.drop_ff_inner, model.block.drop_ff_out):
+        drop.p = 0.0
+    with torch.no_grad():
+        for bias in (model.inject.bias, model.block.o_net.bias, model.block.ff1.bias, model.block.ff2.bias):
+            bias.normal_()
+    seen = {}
+    model.deq.register_forward_hook(lambda mod, args, out: seen.__setitem__("z", out.detach()))
+    model.crit.register_forward_pre_hook(lambda mod, args: seen.__setitem__("h", args[0].detach()))
+    batch, length = 64, 32
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(tokens(batch, length), tokens(batch, length, seed=2))
+    z = seen["z"]
+    ratio = seen["h"].view_as(z) / z
+    assert z.abs().amin() > 1e-6  # LN output: no exact zeros of its own
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=0, atol=1e-12)  # whole positions
+    mask = ratio[..., 0]                                                                     # (B, L)
+    kept = (mask != 0).double()
+    assert abs(kept.mean().item() - (1 - p)) < 0.04, kept.mean().item()
+    torch.testing.assert_close(mask[mask != 0], torch.full_like(mask[mask != 0], 1 / (1 - p)), rtol=1e-12, atol=0)
+    assert (kept.std(dim=1) > 0).float().mean() > 0.9  # not one value per sequence: drawn per position
+    model.eval()
+    with torch.no_grad():
+        model(tokens(batch, length), tokens(batch, length, seed=2))
+    assert torch.equal(seen["h"].view_as(seen["z"]), seen["z"])  # eval: no output dropout
 
 
 # ----------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import pytest
@@ -11,12 +10,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import deq
-from deq.models import trellisnet as tn
 from deq.models.dropout import (VariationalDropout, WeightDropout, apply_weight_dropout, embedding_dropout,
                                 embedding_dropout_mask, locked_dropout)
 from deq.models.trellisnet import TRELLISNET_PRESETS, DEQTrellisNetLM, LMOutput, TrellisNetCell
-from deq.models.weight_norm import (WeightNormDropConnect, apply_weight_norm, cached_weights, weight_dropconnect,
-                                    weight_norm_tensors)
+from deq.models.weight_norm import (WeightNormConv1d, WeightNormDropConnect, apply_weight_norm, cached_weights,
+                                    weight_dropconnect, weight_norm_tensors)
 
 SMALL = dict(ntoken=40, ninp=8, nhid=6, nout=8, kernel_size=2, dropout=0.0, dropouti=0.0, dropouth=0.0,
              emb_dropout=0.0, wdrop=0.0, cutoffs=None)
@@ -196,15 +194,24 @@ def _wn_counter(model):
 
 
 @pytest.mark.parametrize("backward", ["implicit", "upg", "npg"])
-def test_weight_norm_computed_once_per_forward(backward):
+def test_convolutions_save_no_kernel_and_every_parameter_trains(backward):
+    """The weight-normalised kernels are recomputed, never saved: of the tensors autograd keeps for a
+    training step, none of a kernel's shape is a float tensor other than v itself (the DropConnect
+    mask is kept as bool); the parametrized weight is never evaluated; every parameter gets a gradient."""
     model = small(deq_layer=functools.partial(deq.DEQLayer, backward=backward, max_iter=20), wdrop=0.3,
                   dropouth=0.2)
     counter = _wn_counter(model)
     f_calls = _Counter(model.deq.f)
-    out = model(tokens(2, 7), tokens(2, 7, seed=1))
+    convs = (model.inject_conv, model.deq.f.conv)
+    directions = {v.untyped_storage().data_ptr(): v.shape for v in (weight_norm_tensors(c)[1] for c in convs)}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(tokens(2, 7), tokens(2, 7, seed=1))
     out.loss.backward()
-    assert f_calls.n > 5
-    assert counter.n == 2  # the injection conv and the cell conv, once each, for the whole segment
+    assert f_calls.n > 5 and counter.n == 0
+    kernel_like = [t for t in saved if t.shape in directions.values()]
+    assert kernel_like and all(t.dtype == torch.bool or t.untyped_storage().data_ptr() in directions
+                               for t in kernel_like)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()
                if p is not model.decoder.cluster_weight)
 
@@ -217,20 +224,21 @@ def _grads(model, inp, tgt):
 
 
 @pytest.mark.parametrize("unroll", [None, 5])
-def test_cached_weight_norm_gradients_equal_uncached(monkeypatch, unroll):
-    """Caching must not change gradients to g and v (DEQ mode: first use is inside no_grad)."""
+def test_recomputed_kernel_gradients_equal_the_plain_convolution(monkeypatch, unroll):
+    """Gradients with kernels recomputed in backward equal those of nn.Conv1d reading its parametrized
+    weight (autograd through g, DropConnect and v at every call), DEQ and unrolled, dropouts on."""
     model = small(deq_layer=tight(), wdrop=0.3, dropouth=0.2, dropout=0.1)
     model.deq.unroll_steps = unroll
     inp, tgt = tokens(2, 6), tokens(2, 6, seed=1)
-    cached = _grads(model, inp, tgt)
+    ours = _grads(model, inp, tgt)
     counter = _wn_counter(model)
-    monkeypatch.setattr(tn, "cached_weights", lambda module: contextlib.nullcontext())
-    uncached = _grads(model, inp, tgt)
-    assert counter.n > 2  # without the cache the weight is recomputed on every f call
-    for name in cached:
-        assert torch.allclose(cached[name], uncached[name], rtol=1e-9, atol=1e-12), name
+    monkeypatch.setattr(WeightNormConv1d, "forward", nn.Conv1d.forward)
+    plain = _grads(model, inp, tgt)
+    assert counter.n > 2  # the plain path evaluates the weight at every call
+    for name in ours:
+        assert torch.allclose(ours[name], plain[name], rtol=1e-9, atol=1e-12), name
     g_name = "deq.f.conv.parametrizations.weight.original0"
-    assert cached[g_name].abs().sum() > 0
+    assert ours[g_name].abs().sum() > 0
 
 
 def test_cached_weights_fills_cache_in_grad_mode():

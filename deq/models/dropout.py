@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["VariationalDropout", "WeightDropout", "apply_weight_dropout", "embedding_dropout",
+__all__ = ["VariationalDropout", "WeightDropout", "apply_weight_dropout", "dropconnect", "embedding_dropout",
            "embedding_dropout_mask", "locked_dropout"]
 
 
@@ -236,20 +236,51 @@ def embedding_dropout(input: Tensor, weight: Tensor, p: float, *, training: bool
     return out if scale is None else out * scale
 
 
+def dropconnect(weight: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Apply a DropConnect keep mask: ``weight * mask * scale`` on the entries the mask covers.
+
+    A mask of the weight's shape covers every entry. A mask one tap short in
+    the last dim (``(..., k - 1)`` for a ``(..., k)`` kernel) is temporal
+    DropConnect: it covers the taps on earlier time steps, and the last tap
+    (the current time step) is kept whole and unscaled, as in the TrellisNet
+    code. The map is diagonal, so it is its own adjoint: it also maps a
+    gradient with respect to the dropped weight to one with respect to ``weight``.
+
+    Args:
+        weight: ``(..., k)``.
+        mask: bool, ``weight.shape`` or ``weight.shape[:-1] + (k - 1,)``.
+        scale: ``1 / (1 - p)``.
+
+    Raises:
+        ValueError: a mask of any other shape.
+    """
+    if mask.shape == weight.shape:
+        return weight * mask * scale
+    if mask.shape == (*weight.shape[:-1], weight.shape[-1] - 1):
+        return torch.cat([weight[..., :-1] * mask * scale, weight[..., -1:]], dim=-1)
+    raise ValueError(f"DropConnect: weight of shape {tuple(weight.shape)} does not match the mask of shape "
+                     f"{tuple(mask.shape)} drawn by reset()")
+
+
 class WeightDropout(nn.Module):
-    """DropConnect on a weight, as a parametrization ``w -> w * mask`` held fixed per segment.
+    """DropConnect on a weight, as a parametrization ``w -> w * mask / (1 - p)`` held fixed per segment.
 
     Register it on a module's weight with :func:`apply_weight_dropout` (after
-    weight normalisation, if any, so the normalised weight is dropped). The mask
-    has the weight's shape, entries ``0`` with probability ``p`` and
-    ``1 / (1 - p)`` otherwise; it is drawn by :meth:`reset` once per segment and
-    reused by every evaluation of the weight until the next :meth:`reset`.
+    weight normalisation, if any, so the normalised weight is dropped). Each
+    entry of the weight is kept with probability ``1 - p`` and kept entries are
+    scaled by ``1 / (1 - p)``. The mask is drawn by :meth:`reset` once per
+    segment and reused by every evaluation of the weight until the next
+    :meth:`reset`. It is held as a bool keep mask ``mask`` (one byte per entry,
+    a quarter of a float32 mask: a weight-sized mask costs as much memory as
+    the weight itself); see :func:`dropconnect`.
 
     With ``temporal=True`` (TrellisNet's default, Bai et al. 2019) only the
     kernel taps that look at earlier time steps are dropped: for a
     ``(C_out, C_in, k)`` convolution weight with ``k > 1`` the last tap
-    ``[..., k - 1]`` (the current time step) is kept whole; a weight with
-    ``k == 1`` or fewer than 3 dims is dropped entirely.
+    ``[..., k - 1]`` (the current time step) is kept whole and unscaled, as in
+    the TrellisNet code, and the mask covers the other taps only
+    (``(C_out, C_in, k - 1)``); a weight with ``k == 1`` or fewer than 3 dims
+    is dropped entirely.
 
     Args:
         p: drop probability in ``[0, 1)``.
@@ -276,33 +307,41 @@ class WeightDropout(nn.Module):
         In eval mode, or with ``p == 0``, clears the mask and draws nothing.
 
         Args:
-            reference: a tensor with the weight's shape, dtype and device
-                (e.g. the weight-norm direction ``v``); its values are not read.
+            reference: a tensor with the weight's shape and device (e.g. the
+                weight-norm direction ``v``); its values are not read.
         """
         if not self.training or self.p == 0.0:
             self.mask = None
             return
-        mask = _bernoulli_mask(reference.shape, self.p, like=reference)
-        if self.temporal and reference.dim() >= 3 and reference.shape[-1] > 1:
-            mask[..., -1] = 1.0
-        self.mask = mask
+        shape = list(reference.shape)
+        if self.temporal and reference.dim() >= 3 and shape[-1] > 1:
+            shape[-1] -= 1  # the current-time tap is never dropped: no mask for it
+        # bernoulli_(q) keeps with probability q (bernoulli_() would keep half), drawn in float32.
+        keep = torch.empty(shape, dtype=torch.float32, device=reference.device).bernoulli_(1.0 - self.p)
+        self.mask = keep.bool()
 
-    def forward(self, weight: Tensor) -> Tensor:
-        """``weight * mask`` in training mode, ``weight`` otherwise.
+    def factors(self) -> tuple[Tensor, float] | None:
+        """``(mask, 1 / (1 - p))`` in training mode with ``p > 0`` (see :func:`dropconnect`), else ``None``.
 
         Raises:
             RuntimeError: training mode and :meth:`reset` was not called.
-            ValueError: the weight's shape is not the mask's.
         """
         if not self.training or self.p == 0.0:
-            return weight
+            return None
         if self.mask is None:
             raise RuntimeError("WeightDropout: no mask drawn; call reset(weight) once per segment, outside the "
                                "solver, before evaluating the weight in training mode")
-        if self.mask.shape != weight.shape:
-            raise ValueError(f"WeightDropout: weight of shape {tuple(weight.shape)} does not match the mask of "
-                             f"shape {tuple(self.mask.shape)} drawn by reset()")
-        return weight * self.mask
+        return self.mask, 1.0 / (1.0 - self.p)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """The dropped weight (:func:`dropconnect`) in training mode, ``weight`` otherwise.
+
+        Raises:
+            RuntimeError: training mode and :meth:`reset` was not called.
+            ValueError: the weight's shape does not fit the mask's.
+        """
+        factors = self.factors()
+        return weight if factors is None else dropconnect(weight, *factors)
 
 
 def apply_weight_dropout(module: nn.Module, name: str = "weight", *, p: float,

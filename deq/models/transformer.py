@@ -29,10 +29,17 @@ pass, so ``f`` is one deterministic function per segment.
 
 ``R_d`` is the sinusoidal embedding of the relative distance ``d``; ``b_w`` and
 ``b_r`` are Transformer-XL's learned content and position biases
-(``r_w_bias``, ``r_r_bias``). With ``pre_lnorm`` the LayerNorms move to the
-inputs of the attention (over ``[mem ; z]``) and of the FFN, and the outputs are
-plain residual sums, as in the DEQ code. LayerNorms have no affine parameters
-(as in the DEQ-Transformer code): the block's scale lives in the weight norms.
+(``r_w_bias``, ``r_r_bias``). With ``pre_lnorm`` (as in the DEQ-Transformer
+code, 2019 and 2021 alike) the attention reads ``LN([mem ; z])`` and the FFN's
+residual is added to its normalised input::
+
+    q, k, v = split(W_qkv LN([mem ; z]) + [u_mem ; u])
+    h       = z + drop(W_o softmax(a / sqrt(d_head)) v)
+    f(z, x) = LN(h) + drop(W_2 drop(relu(W_1 LN(h) + b_1)) + b_2)
+
+so ``f``'s output is bounded whatever ``z`` is. LayerNorms have no affine
+parameters (as in the DEQ-Transformer code): the block's scale lives in the
+weight norms.
 
 **Memory** (segment-level recurrence, Transformer-XL): after a segment, the
 last ``mem_len`` positions of ``[mem ; z*]`` and of the injections
@@ -277,11 +284,11 @@ class DEQTransformerBlock(nn.Module):
         prob = self.drop_att(prob.unsqueeze(-1)).squeeze(-1)
         attn = torch.einsum("bhij,bjhd->bihd", prob, v).reshape(batch, qlen, heads * dh)
         h = z + self.drop_attn_out(self.o_net(attn))
-        if not self.pre_lnorm:
-            h = self._layer_norm(h)
-        ff_in = self._layer_norm(h) if self.pre_lnorm else h
-        ff = self.drop_ff_out(self.ff2(self.drop_ff_inner(F.relu(self.ff1(ff_in)))))
-        out = h + ff
+        # Pre-LN adds the FFN's residual to the normalised input LN(h), not to h, as
+        # the DEQ-Transformer code does (2019 and 2021): so f's output is bounded
+        # whatever z is, where h + FFN(LN(h)) would carry z through unnormalised.
+        h = self._layer_norm(h)
+        out = h + self.drop_ff_out(self.ff2(self.drop_ff_inner(F.relu(self.ff1(h)))))
         return out if self.pre_lnorm else self._layer_norm(out)
 
 
@@ -289,9 +296,12 @@ class DEQTransformerLM(nn.Module):
     """DEQ-Transformer language model with adaptive (or plain tied) embedding and softmax.
 
     Per segment of ``L`` tokens: embed (``sqrt(d_model)``-scaled, variational
-    dropout), inject, solve ``z* = f(z*, x)`` with the DEQ layer (or unroll it),
-    apply output dropout and the softmax, and hand the memory on. See the module
-    docstring for ``f``, the state layout and what is fixed per segment.
+    dropout of channels, one ``(B, 1, d_model)`` mask shared over positions),
+    inject, solve ``z* = f(z*, x)`` with the DEQ layer (or unroll it), apply
+    output dropout (whole token positions: one ``(B, L, 1)`` mask shared over
+    channels) and the softmax, and hand the memory on. These mask shapes are the
+    DEQ-Transformer code's. See the module docstring for ``f``, the state layout
+    and what is fixed per segment.
 
     Args:
         n_token: vocabulary size.
@@ -479,7 +489,10 @@ class DEQTransformerLM(nn.Module):
         # clone: a slice would keep the whole segment's storage alive until the next one.
         new_mems = TransformerMemory(z=torch.cat([mems.z, z.detach()], dim=1)[:, klen - keep:].clone(),
                                      u=u.detach()[:, klen - keep:].clone())
-        h = locked_dropout(z, self.dropout, time_dim=1, training=self.training)
+        # Output dropout zeroes whole token positions: a (B, L, 1) mask shared over the
+        # channels, as the DEQ-Transformer code's does (it drops along dim 1 of its
+        # channels-first (B, d, L) state, 2019 and 2021 alike).
+        h = locked_dropout(z, self.dropout, time_dim=-1, training=self.training)
         return readout(self.crit, h, target, new_mems, n_token=self.n_token, jac_loss=jac_loss)
 
 

@@ -34,10 +34,12 @@ Per segment of ``L`` tokens, with ``H = nhid + nout``:
   dropout, then the decoder tied to ``E`` (full softmax, or an adaptive softmax
   with ``cutoffs``) scoring the next token.
 
-Every dropout mask is drawn once per segment, before the solver runs, and the
-weight-normalised weights are computed once per segment (see
-:mod:`deq.models.dropout` and :mod:`deq.models.weight_norm`): the solver calls
-``f`` dozens of times and must see one fixed function.
+Every dropout mask is drawn once per segment, before the solver runs (see
+:mod:`deq.models.dropout`): the solver calls ``f`` dozens of times and must see
+one fixed function. Both convolutions are
+:class:`~deq.models.weight_norm.WeightNormConv1d`: their weight-normalised
+kernels are recomputed from ``(g, v)`` at each call and in the backward pass,
+never saved, so nothing is cached per segment.
 
 Explicit twin: ``model.deq.unroll_steps = L`` makes the DEQ layer apply ``f``
 exactly ``L`` times from ``z = 0`` with ordinary autograd (the weight-tied
@@ -58,7 +60,7 @@ from deq.layer import DEQLayer
 from deq.models.adaptive import AdaptiveEmbedding, TiedAdaptiveLogSoftmax
 from deq.models.dropout import VariationalDropout, embedding_dropout, locked_dropout
 from deq.models.output import LMOutput, readout
-from deq.models.weight_norm import apply_weight_norm, cached_weights, weight_dropconnect
+from deq.models.weight_norm import WeightNormConv1d
 
 __all__ = ["DEQTrellisNetLM", "LMOutput", "TRELLISNET_PRESETS", "TrellisNetCell"]
 
@@ -107,11 +109,12 @@ class TrellisNetCell(nn.Module):
     Position ``t`` of the output depends on ``h`` at ``t-k+1 .. t``, ``c`` at
     ``t-1`` and ``u`` at ``t`` only (causal). The convolution's weight is
     initialised ``N(0, 0.01)`` (weight and bias), as in the DEQ-TrellisNet code,
-    then weight-normalised per output channel.
+    then weight-normalised per output channel; its kernel is recomputed at each
+    call and in the backward pass, not saved
+    (:class:`~deq.models.weight_norm.WeightNormConv1d`).
 
     Call :meth:`reset` once per segment, before the solver, to draw the hidden
-    dropout and DropConnect masks; then call the cell inside
-    :func:`deq.models.weight_norm.cached_weights` so its weight is computed once.
+    dropout and DropConnect masks.
 
     Args:
         h_size: ``H = nhid + nout``, channels of ``h`` and ``c``.
@@ -129,10 +132,10 @@ class TrellisNetCell(nn.Module):
         super().__init__()
         self.h_size = _check_size("h_size", h_size)
         self.kernel_size = _check_size("kernel_size", kernel_size)
-        self.conv = nn.Conv1d(h_size, 4 * h_size, kernel_size)
-        nn.init.normal_(self.conv.weight, 0.0, 0.01)
-        nn.init.normal_(self.conv.bias, 0.0, 0.01)
-        apply_weight_norm(self.conv, dropconnect=_check_prob("wdrop", wdrop))
+        # Its kernel is recomputed in the backward pass rather than saved once per
+        # segment (deq.models.weight_norm.WeightNormConv1d): 59.8 MiB at PTB size.
+        self.conv = WeightNormConv1d(h_size, 4 * h_size, kernel_size, dropconnect=_check_prob("wdrop", wdrop),
+                                     init_std=0.01)
         self.drop = VariationalDropout(_check_prob("dropouth", dropouth))
 
     def extra_repr(self) -> str:
@@ -145,9 +148,7 @@ class TrellisNetCell(nn.Module):
             h0: ``(B, H, 1)`` history (only its shape, dtype and device are used).
         """
         self.drop.reset(h0)
-        dropconnect = weight_dropconnect(self.conv)
-        if dropconnect is not None:
-            dropconnect.reset(self.conv.parametrizations.weight.original1)
+        self.conv.reset_dropconnect()
 
     def forward(self, z: tuple[Tensor, Tensor], x: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """One TrellisNet layer.
@@ -245,8 +246,7 @@ class DEQTrellisNetLM(nn.Module):
 
         self.encoder = AdaptiveEmbedding(ntoken, d_embed=ninp, d_model=ninp, cutoffs=self.cutoffs, div_val=1)
         nn.init.uniform_(self.embedding_weight, -0.1, 0.1)
-        self.inject_conv = nn.Conv1d(ninp, 4 * self.h_size, kernel_size)
-        apply_weight_norm(self.inject_conv, dropconnect=_check_prob("wdrop", wdrop))
+        self.inject_conv = WeightNormConv1d(ninp, 4 * self.h_size, kernel_size, dropconnect=_check_prob("wdrop", wdrop))
         cell = TrellisNetCell(self.h_size, kernel_size=kernel_size, dropouth=dropouth, wdrop=wdrop)
         layer = deq_layer(cell)
         if not isinstance(layer, nn.Module) or getattr(layer, "f", None) is not cell:
@@ -343,15 +343,11 @@ class DEQTrellisNetLM(nn.Module):
         x = emb.transpose(1, 2)                                                         # (B, ninp, P + L)
         h0, c0 = self._history(mems, batch, like=x)
 
-        # Masks first (WeightDropout is part of the cached weights), then weights once per segment.
-        self.deq.f.reset(h0)
-        dropconnect = weight_dropconnect(self.inject_conv)
-        if dropconnect is not None:
-            dropconnect.reset(self.inject_conv.parametrizations.weight.original1)
-        with cached_weights(self):
-            u = self.inject_conv(F.pad(x, (self.kernel_size - 1 - before, 0)))         # (B, 4H, L)
-            z0 = (x.new_zeros(batch, self.h_size, length), x.new_zeros(batch, self.h_size, length))
-            z = self.deq((u, h0, c0), z0=z0, max_iter=max_iter, jac_reg=jac_reg)
+        self.deq.f.reset(h0)  # this segment's masks, before the solver
+        self.inject_conv.reset_dropconnect()
+        u = self.inject_conv(F.pad(x, (self.kernel_size - 1 - before, 0)))             # (B, 4H, L)
+        z0 = (x.new_zeros(batch, self.h_size, length), x.new_zeros(batch, self.h_size, length))
+        z = self.deq((u, h0, c0), z0=z0, max_iter=max_iter, jac_reg=jac_reg)
         (h, c), jac_loss = z if jac_reg else (z, None)
         new_mems = (h[:, :, -1:].detach(), c[:, :, -1:].detach())
 
