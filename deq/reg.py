@@ -44,7 +44,7 @@ def jacobian_reg(f: Callable[[State, Any], State], z: State, x: Any, *, n_probes
         generator: optional RNG for the probes.
 
     Returns:
-        A scalar tensor: mean over samples of ``||J_b||_F^2 / D``.
+        The mean over samples of ``||J_b||_F^2 / D``, a scalar tensor.
 
     Raises:
         ValueError: ``n_probes < 1``.
