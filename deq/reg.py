@@ -44,7 +44,7 @@ def jacobian_reg(f: Callable[[State, Any], State], z: State, x: Any, *, n_probes
         generator: optional RNG for the probes.
 
     Returns:
-        The mean over samples of ``||J_b||_F^2 / D``, a scalar tensor.
+        A scalar tensor: mean over samples of ``||J_b||_F^2 / D``.
 
     Raises:
         ValueError: ``n_probes < 1``.

@@ -224,11 +224,9 @@ class Corpus:
     Attributes:
         name: the corpus name given to :func:`load_corpus`.
         vocab: the :class:`Vocab` (counted on the training split).
-        train: ``(N,)`` int64 ids of the whole training split, lines
+        train, valid, test: ``(N,)`` int64 ids of the whole split, lines
             concatenated in file order with ``<eos>`` after each; ``None`` for a
             split that was not requested or that the corpus does not have.
-        valid: the validation split, likewise.
-        test: the test split, likewise.
         files: split -> the file it was read from, for every split returned
             (for error messages downstream, e.g. ``batchify(..., name=...)``).
     """
