@@ -96,6 +96,8 @@ if os.environ.get("DEQ_DOCS_INTERSPHINX") == "1":
 import importlib  # noqa: E402
 import re  # noqa: E402
 
+from sphinx.util.nodes import make_refnode  # noqa: E402
+
 _MISSING = object()
 
 
@@ -130,9 +132,14 @@ def _scopes(node) -> list[str]:
     return scopes
 
 
-def _documented(env) -> dict[int, str]:
-    """id(object) -> the name it is documented under (built once per build)."""
-    cache = getattr(env, "_deq_documented", None)
+def _documented(app, env) -> dict[int, str]:
+    """id(object) -> the name it is documented under.
+
+    Built once per process, at the first lookup (cross-references are resolved
+    after every page has been read), and kept on ``app``, not on the pickled
+    ``env``: object ids mean nothing in the next build's process.
+    """
+    cache = getattr(app, "_deq_documented", None)
     if cache is None:
         cache = {}
         for name, entry in env.get_domain("py").objects.items():
@@ -141,7 +148,7 @@ def _documented(env) -> dict[int, str]:
             obj = _lookup(name)
             if obj is not _MISSING and not isinstance(obj, (int, float, str, bool, type(None))):
                 cache.setdefault(id(obj), name)
-        env._deq_documented = cache
+        app._deq_documented = cache
     return cache
 
 
@@ -153,11 +160,10 @@ def _resolve_by_identity(app, env, node, contnode):
         obj = _lookup(f"{scope}.{target}" if scope else target)
         if obj is _MISSING:
             continue
-        name = _documented(env).get(id(obj))
+        name = _documented(app, env).get(id(obj))
         if name is None:
             continue
         entry = env.get_domain("py").objects[name]
-        from sphinx.util.nodes import make_refnode
         return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode, name)
     return None
 
