@@ -43,7 +43,7 @@ convolution multiplies with, so a cached weight-normalised kernel is kept for
 the backward pass: for DEQ-TrellisNet at PTB size (1400 -> 5600 channels,
 kernel 2) that is 59.8 MiB, as much as several layers of activations.
 :class:`WeightNormConv1d` instead computes ``w = g * v / ||v||`` inside one
-``autograd.Function`` (:class:`_WeightNormConv1dFn`) at every call and saves
+``autograd.Function`` (``_WeightNormConv1dFn``) at every call and saves
 ``g``, ``v`` (parameters, alive anyway), the input and the bool DropConnect
 keep mask (one byte per dropped entry: for temporal DropConnect the taps on
 earlier time steps only, 7.5 MiB at PTB size); its backward recomputes ``w``,
