@@ -19,7 +19,10 @@ reports for the plain solve and for the causal mode (``time_dim``):
   It is exactly 0 in causal mode; without it the solver's per-sequence
   mixing and stopping let later tokens move earlier predictions.
 
-CPU, one thread, float32.
+``--run DIR`` evaluates a trained run of ``experiments/train.py`` on a corpus
+instead: the validation perplexity of the same weights in both modes (the
+run's eval budget), and the leak at that budget on validation text. CPU, one
+thread, float32.
 
 Usage::
 
@@ -169,6 +172,54 @@ def leak(model, batch: int, length: int, seed: int, *, solver: str = "anderson",
     return out
 
 
+def trained(run_dir: str) -> dict:
+    """Perplexity of a trained run's validation split in both modes, and the leak on its text."""
+    from experiments.config import build
+    from experiments.distributed import DistInfo
+    from experiments.evaluation import evaluate
+    from experiments.generate import load_run
+
+    model, _, cfg = load_run(run_dir)
+    task = build(cfg.data)
+    out = {"run": run_dir, "step": None, "modes": {}}
+    for causal in (False, True):
+        set_causal(model, causal)
+        started = time.perf_counter()
+        metrics = evaluate(model, task, "valid", precision="fp32", info=DistInfo(), device=torch.device("cpu"),
+                           mem_len=cfg.train.eval_mem_len).metrics
+        out["modes"]["causal" if causal else "plain"] = dict(ppl=metrics["ppl"], fwd_nstep=metrics["fwd_nstep"],
+                                                             fwd_residual=metrics["fwd_residual"],
+                                                             seconds=time.perf_counter() - started)
+    x = next(iter(task.eval_batches("valid")))[0]
+    layer = model.deq
+    out["leak"] = leak_on(model, x, solver=layer.solver, tol=layer.eval_tol, max_iter=layer.eval_max_iter)
+    out["budget"] = dict(solver=repr(layer.solver), tol=layer.eval_tol, max_iter=layer.eval_max_iter)
+    return out
+
+
+def leak_on(model, x: torch.Tensor, *, solver, tol: float, max_iter: int) -> dict:
+    """The leak of :func:`leak` on given token rows ``x``, at a given budget."""
+    layer = model.deq
+    saved = (layer.solver, layer.eval_tol, layer.eval_max_iter, layer.time_dim)
+    layer.solver, layer.eval_tol, layer.eval_max_iter = deq.get_solver(solver), tol, max_iter
+    out, length = {}, x.shape[1]
+    try:
+        for causal in (False, True):
+            set_causal(model, causal)
+            with torch.no_grad():
+                base = model(x).logits
+                worst = 0.0
+                for p in (length // 4, length // 2, 3 * length // 4):
+                    edited = x.clone()
+                    edited[:, p:] = x.flip(0)[:, p:]  # another row's continuation
+                    worst = max(worst, float((model(edited).logits[:, :p] - base[:, :p]).abs().max()))
+            out["causal" if causal else "plain"] = worst
+    finally:
+        layer.solver, layer.eval_tol, layer.eval_max_iter = saved[:3]
+        layer.time_dim = saved[3]
+    return out
+
+
 def model_vocab(model) -> int:
     return model.n_token if isinstance(model, DEQTransformerLM) else model.ntoken
 
@@ -190,10 +241,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (seconds)")
     parser.add_argument("--out", default="bench_out", help="directory for causal.json")
     parser.add_argument("--repeats", type=int, default=None, help="timed solves per cell (default 3, quick 1)")
+    parser.add_argument("--run", default=None, help="a trained run's directory: perplexity and leak of its weights")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(1)
     started = time.time()
+    if args.run is not None:
+        report = trained(args.run)
+        print(f"{args.run}: validation, the run's eval budget {report['budget']}")
+        for mode, m in report["modes"].items():
+            print(f"  {mode:<7} ppl {m['ppl']:.2f}   forward {m['fwd_nstep']:.1f} iterations, residual "
+                  f"{m['fwd_residual']:.2e}   {m['seconds']:.0f} s")
+        print(f"  leak (largest |change| of an earlier log-probability when later tokens change): "
+              f"plain {report['leak']['plain']:.3g}, causal {report['leak']['causal']:.3g}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "causal_run.json").write_text(json.dumps(report, indent=1, default=str))
+        return
     batch, length = (2, 12) if args.quick else (8, 64)
     rows, leaks = [], {}
     for name, model in build_models(args.quick).items():
