@@ -357,8 +357,6 @@ class DEQLayer(nn.Module):
     def time_dim(self, dim: int | None) -> None:
         if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
             raise ValueError(f"time_dim must be None or an integer (the time axis of the state), got {dim!r}")
-        if dim is not None and self.compact is not False:
-            raise ValueError("compact=... and time_dim=... (causal mode) cannot be combined")
         self._time_dim = dim
 
     @property

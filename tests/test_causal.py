@@ -161,10 +161,6 @@ def test_invalid_causal_settings():
         solve(torch.cos, z0, time_dim=3)
     with pytest.raises(ValueError, match="same time axis and length"):
         solve(lambda z: z, (torch.zeros(2, 4, 3), torch.zeros(2, 5, 3)), time_dim=1)
-    with pytest.raises(ValueError, match="compact"):
-        solve(lambda z, rows: z, z0, time_dim=1, compact=True)
-    with pytest.raises(ValueError, match="compact"):
-        deq.DEQLayer(lambda z, x: z, compact=True, time_dim=1)
 
     class RowBlind(Solver):
         name = "row_blind"
@@ -251,3 +247,24 @@ def test_causal_broyden_keeps_the_coupling_between_positions():
 def test_broyden_line_search_has_no_causal_mode():
     with pytest.raises(TypeError, match="line_search"):
         solve(torch.cos, torch.zeros(2, 4, 3), solver=Broyden(line_search=True), time_dim=1)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=_id)
+def test_compact_in_causal_mode_equals_the_full_batch(solver):
+    """Samples whose positions have all stopped leave the working set; the others are unchanged."""
+    f = CausalAttention(batch=5, length=7)
+    f.x[0] *= 0.05  # easy samples stop early
+    f.x[1] *= 0.2
+    z0 = torch.zeros(f.shape, dtype=DT)
+
+    def rowwise(z, rows):
+        return f(z, f.x if rows is None else f.x[rows])
+
+    full = solve(lambda z: f(z), z0, solver=solver, tol=1e-10, max_iter=80, time_dim=1)
+    for compact in (1.0, 0.5):
+        res = solve(rowwise, z0, solver=solver, tol=1e-10, max_iter=80, time_dim=1, compact=compact)
+        torch.testing.assert_close(res.z, full.z, rtol=0, atol=1e-12)
+        assert torch.equal(res.nstep, full.nstep) and torch.equal(res.converged, full.converged)
+        torch.testing.assert_close(res.trace, full.trace, rtol=1e-9, atol=1e-15)
+        assert res.rows <= full.rows
+    assert solve(rowwise, z0, solver=solver, tol=1e-10, max_iter=80, time_dim=1, compact=1.0).rows < full.rows

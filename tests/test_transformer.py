@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import deq
 from deq.models.adaptive import AdaptiveEmbedding, AdaptiveSoftmax, TiedAdaptiveLogSoftmax
-from deq.models.transformer import (TRANSFORMER_PRESETS, DEQTransformerLM, TransformerInput, TransformerMemory,
-                                    rel_shift, sinusoid_embedding)
+from deq.models.transformer import (TRANSFORMER_PRESETS, BlockMasks, DEQTransformerLM, TransformerInput,
+                                    TransformerMemory, rel_shift, sinusoid_embedding)
 
 
 
@@ -140,7 +140,7 @@ def test_rel_shift_moves_distance_index_to_key_index():
 
 def _naive_block(block, z, x):
     """f(z, x) with the relative attention written out per (query, key) pair."""
-    u, mem, _ = x
+    u, mem = x.u, x.mem
     batch, qlen, d = z.shape
     mlen = mem.shape[1]
     heads, dh = block.n_head, block.d_head
@@ -435,12 +435,14 @@ def test_mems_validation():
 
 
 def _record_masks(model):
-    seen = {name: [] for name in ("drop_att", "drop_attn_out", "drop_ff_inner", "drop_ff_out")}
-    handles = []
-    for name, log in seen.items():
-        mod = getattr(model.block, name)
-        handles.append(mod.register_forward_hook(lambda m, args, out, log=log: log.append(m.mask.clone())))
-    return seen, handles
+    """Every call of f records the masks it was handed in x (they travel in TransformerInput.masks)."""
+    seen = {name: [] for name in BlockMasks._fields}
+
+    def record(module, args):
+        for name, mask in zip(BlockMasks._fields, args[1].masks):
+            seen[name].append(mask.clone())
+
+    return seen, [model.block.register_forward_pre_hook(record)]
 
 
 @pytest.mark.parametrize("unrolled", [False, True])
@@ -461,15 +463,15 @@ def test_dropout_masks_fixed_within_segment_redrawn_across(unrolled):
         assert (masks[0] == 0).any() and (masks[0] > 0).any(), name
         first[name] = masks[0]
         masks.clear()
-    assert first["drop_att"].shape == (2, SMALL["n_head"], 5, 5, 1)
+    assert first["att"].shape == (2, SMALL["n_head"], 5, 5)
     out1.loss.backward()  # the backward pass calls f through the saved graph: no new masks
     assert all(len(m) == 0 for m in seen.values())
     out2 = model(inp, tgt, mems=out1.mems)
-    assert first["drop_att"].shape != seen["drop_att"][0].shape  # (B, H, L, M + L): memory added
+    assert first["att"].shape != seen["att"][0].shape  # (B, H, L, M + L): memory added
     for name, masks in seen.items():
         assert all(torch.equal(m, masks[0]) for m in masks), name
-    assert not torch.equal(seen["drop_attn_out"][0], first["drop_attn_out"])
-    assert not torch.equal(seen["drop_ff_inner"][0], first["drop_ff_inner"])
+    assert not torch.equal(seen["attn_out"][0], first["attn_out"])
+    assert not torch.equal(seen["ff_inner"][0], first["ff_inner"])
     for h in handles:
         h.remove()
     out2.loss.backward()

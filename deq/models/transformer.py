@@ -72,7 +72,7 @@ from .dropout import VariationalDropout, locked_dropout
 from .output import LMOutput, readout
 from .weight_norm import apply_weight_norm, cached_weights
 
-__all__ = ["DEQTransformerBlock", "DEQTransformerLM", "LMOutput", "TRANSFORMER_PRESETS",
+__all__ = ["BlockMasks", "DEQTransformerBlock", "DEQTransformerLM", "LMOutput", "TRANSFORMER_PRESETS",
            "TransformerInput", "TransformerMemory", "rel_shift", "sinusoid_embedding"]
 
 
@@ -88,6 +88,22 @@ class TransformerMemory(NamedTuple):
     u: Tensor
 
 
+class BlockMasks(NamedTuple):
+    """The dropout masks of one segment inside ``f`` (``None``: no dropout there), batch first.
+
+    Attributes:
+        att: ``(B, H, L, M + L)`` on the attention probabilities.
+        attn_out: ``(B, 1, d_model)`` on the attention output (variational: shared over positions).
+        ff_inner: ``(B, 1, d_inner)`` inside the FFN.
+        ff_out: ``(B, 1, d_model)`` on the FFN output.
+    """
+
+    att: Tensor | None = None
+    attn_out: Tensor | None = None
+    ff_inner: Tensor | None = None
+    ff_out: Tensor | None = None
+
+
 class TransformerInput(NamedTuple):
     """The ``x`` of ``f(z, x)``: everything fixed for one segment.
 
@@ -95,12 +111,23 @@ class TransformerInput(NamedTuple):
         u: ``(B, M + L, 3 * n_head * d_head)`` injections of ``[memory ; segment]``.
         mem: ``(B, M, d_model)`` memory equilibria (``M`` may be 0).
         pos: ``(M + L, d_model)`` relative positional embedding, distances
-            ``M + L - 1, ..., 1, 0`` (after its dropout).
+            ``M + L - 1, ..., 1, 0`` (after its dropout), shared by the batch.
+        masks: this segment's dropout masks inside ``f``; ``None``: the ones the
+            block's :meth:`~DEQTransformerBlock.reset_dropout` drew. Carried in
+            ``x``, they are sliced with the rows of an active-set solve.
     """
 
     u: Tensor
     mem: Tensor
     pos: Tensor
+    masks: BlockMasks | None = None
+
+    def select_rows(self, rows: Tensor) -> "TransformerInput":
+        """These inputs for the batch rows ``rows`` (``DEQLayer(compact=...)``); ``pos`` is shared."""
+        masks = None if self.masks is None else BlockMasks(
+            *(None if m is None else m.index_select(0, rows) for m in self.masks))
+        return TransformerInput(u=self.u.index_select(0, rows), mem=self.mem.index_select(0, rows), pos=self.pos,
+                                masks=masks)
 
 
 def sinusoid_embedding(distances: Tensor, dim: int) -> Tensor:
@@ -146,6 +173,10 @@ def rel_shift(scores: Tensor) -> Tensor:
     *lead, qlen, klen = scores.shape
     padded = torch.cat([scores.new_zeros(*lead, qlen, 1), scores], dim=-1)
     return padded.view(*lead, klen + 1, qlen)[..., 1:, :].reshape(*lead, qlen, klen)
+
+
+def _dropped(t: Tensor, mask: Tensor | None) -> Tensor:
+    return t if mask is None else t * mask
 
 
 def _init_linear(layer: nn.Linear, std: float) -> None:
@@ -232,6 +263,25 @@ class DEQTransformerBlock(nn.Module):
         self.drop_ff_inner.reset(torch.empty(batch, 1, self.d_inner, **ref))
         self.drop_ff_out.reset(torch.empty(batch, 1, self.d_model, **ref))
 
+    def masks(self) -> BlockMasks:
+        """The masks :meth:`reset_dropout` drew, to carry in :class:`TransformerInput` (``None`` where off).
+
+        Raises:
+            RuntimeError: training mode with dropout and no :meth:`reset_dropout` since.
+        """
+        drops = (self.drop_att, self.drop_attn_out, self.drop_ff_inner, self.drop_ff_out)
+        out = []
+        for drop in drops:
+            if not drop.training or drop.p == 0.0:
+                out.append(None)
+            elif drop.mask is None:
+                raise RuntimeError("DEQTransformerBlock: no dropout masks drawn; call reset_dropout() once per "
+                                   "segment, outside the solver")
+            else:
+                out.append(drop.mask)
+        att = out[0] if out[0] is None else out[0].squeeze(-1)
+        return BlockMasks(att, *out[1:])
+
     def _layer_norm(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, (self.d_model,))
 
@@ -262,7 +312,8 @@ class DEQTransformerBlock(nn.Module):
         Returns:
             ``(B, L, d_model)``.
         """
-        u, mem, pos = x
+        u, mem, pos, masks = x
+        masks = self.masks() if masks is None else masks
         batch, qlen, _ = z.shape
         mlen = mem.shape[1]
         klen = mlen + qlen
@@ -280,15 +331,14 @@ class DEQTransformerBlock(nn.Module):
         # Causal: query i (absolute position M + i) sees keys j <= M + i.
         future = torch.ones(qlen, klen, dtype=torch.bool, device=z.device).triu(diagonal=1 + mlen)
         scores = scores.masked_fill(future, float("-inf"))
-        prob = F.softmax(scores, dim=-1)
-        prob = self.drop_att(prob.unsqueeze(-1)).squeeze(-1)
+        prob = _dropped(F.softmax(scores, dim=-1), masks.att)
         attn = torch.einsum("bhij,bjhd->bihd", prob, v).reshape(batch, qlen, heads * dh)
-        h = z + self.drop_attn_out(self.o_net(attn))
+        h = z + _dropped(self.o_net(attn), masks.attn_out)
         # Pre-LN adds the FFN's residual to the normalised input LN(h), not to h, as
         # the DEQ-Transformer code does (2019 and 2021): so f's output is bounded
         # whatever z is, where h + FFN(LN(h)) would carry z through unnormalised.
         h = self._layer_norm(h)
-        out = h + self.drop_ff_out(self.ff2(self.drop_ff_inner(F.relu(self.ff1(h)))))
+        out = h + _dropped(self.ff2(_dropped(F.relu(self.ff1(h)), masks.ff_inner)), masks.ff_out)
         return out if self.pre_lnorm else self._layer_norm(out)
 
 
@@ -479,8 +529,8 @@ class DEQTransformerLM(nn.Module):
                                  device=emb.device)
         pos = sinusoid_embedding(distances, self.d_model).to(emb.dtype)
         pos = locked_dropout(pos, self.dropout, time_dim=0, training=self.training)
-        x = TransformerInput(u=u, mem=mems.z, pos=pos)
         self.block.reset_dropout(batch, qlen, klen, like=emb)
+        x = TransformerInput(u=u, mem=mems.z, pos=pos, masks=self.block.masks())
         with cached_weights(self.deq):
             z = self.deq(x, emb.new_zeros(batch, qlen, self.d_model), max_iter=max_iter, jac_reg=jac_reg)
         z, jac_loss = z if jac_reg else (z, None)

@@ -50,7 +50,7 @@ needs nothing else.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ from deq.models.dropout import VariationalDropout, embedding_dropout, locked_dro
 from deq.models.output import LMOutput, readout
 from deq.models.weight_norm import WeightNormConv1d
 
-__all__ = ["DEQTrellisNetLM", "LMOutput", "TRELLISNET_PRESETS", "TrellisNetCell"]
+__all__ = ["DEQTrellisNetLM", "LMOutput", "TRELLISNET_PRESETS", "TrellisInput", "TrellisNetCell"]
 
 
 # Constructor keyword arguments of DEQTrellisNetLM (the Hydra configs copy them).
@@ -80,6 +80,21 @@ TRELLISNET_PRESETS: dict[str, dict] = {
     "tiny": dict(ntoken=10000, ninp=32, nhid=48, nout=32, kernel_size=2, dropout=0.1, dropouti=0.1,
                  dropouth=0.1, emb_dropout=0.0, wdrop=0.0, cutoffs=None),
 }
+
+
+class TrellisInput(NamedTuple):
+    """The ``x`` of the cell's ``f(z, x)`` for one segment, every tensor batch first.
+
+    Attributes:
+        u: ``(B, 4H, L)`` the injection.
+        h0, c0: ``(B, H, 1)`` each, the history.
+        mask: ``(B, H, 1)`` the hidden-dropout mask, or ``None`` (no dropout).
+    """
+
+    u: Tensor
+    h0: Tensor
+    c0: Tensor
+    mask: Tensor | None = None
 
 
 def _check_size(name: str, value: int, minimum: int = 1) -> int:
@@ -150,21 +165,42 @@ class TrellisNetCell(nn.Module):
         self.drop.reset(h0)
         self.conv.reset_dropconnect()
 
-    def forward(self, z: tuple[Tensor, Tensor], x: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def hidden_mask(self) -> Tensor | None:
+        """The ``(B, H, 1)`` hidden-dropout mask :meth:`reset` drew (``None`` in eval or without dropout).
+
+        Raises:
+            RuntimeError: training mode with dropout and no :meth:`reset` since.
+        """
+        if not self.drop.training or self.drop.p == 0.0:
+            return None
+        if self.drop.mask is None:
+            raise RuntimeError("TrellisNetCell: no dropout mask drawn; call reset(h0) once per segment, outside "
+                               "the solver")
+        return self.drop.mask
+
+    def forward(self, z: tuple[Tensor, Tensor], x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """One TrellisNet layer.
 
         Args:
             z: ``(h, c)``, each ``(B, H, L)``.
-            x: ``(u, h0, c0)``: injection ``(B, 4H, L)`` and history ``(B, H, 1)`` each.
+            x: ``(u, h0, c0)``: injection ``(B, 4H, L)`` and history ``(B, H, 1)``
+                each; or :class:`TrellisInput` ``(u, h0, c0, mask)``, whose
+                hidden-dropout mask (``(B, H, 1)`` or ``None``) then replaces
+                the one :meth:`reset` drew (carried in ``x``, it is sliced with
+                the rows of an active-set solve).
 
         Returns:
             ``(h', c')``, each ``(B, H, L)``.
         """
         h, c = z
-        u, h0, c0 = x
+        u, h0, c0 = x[:3]
         pad = self.kernel_size - 1
         hp = torch.cat([h0.expand(-1, -1, pad), h], dim=2) if pad > 0 else h
-        pre = u + self.conv(self.drop(hp))
+        if len(x) > 3:
+            hp = hp if x[3] is None else hp * x[3]
+        else:
+            hp = self.drop(hp)
+        pre = u + self.conv(hp)
         i, o, g, f = pre.chunk(4, dim=1)
         c_prev = torch.cat([c0, c[:, :, :-1]], dim=2)
         c_new = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
@@ -347,7 +383,8 @@ class DEQTrellisNetLM(nn.Module):
         self.inject_conv.reset_dropconnect()
         u = self.inject_conv(F.pad(x, (self.kernel_size - 1 - before, 0)))             # (B, 4H, L)
         z0 = (x.new_zeros(batch, self.h_size, length), x.new_zeros(batch, self.h_size, length))
-        z = self.deq((u, h0, c0), z0=z0, max_iter=max_iter, jac_reg=jac_reg)
+        x_in = TrellisInput(u=u, h0=h0, c0=c0, mask=self.deq.f.hidden_mask())
+        z = self.deq(x_in, z0=z0, max_iter=max_iter, jac_reg=jac_reg)
         (h, c), jac_loss = z if jac_reg else (z, None)
         new_mems = (h[:, :, -1:].detach(), c[:, :, -1:].detach())
 

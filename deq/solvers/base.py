@@ -624,7 +624,7 @@ class _Loop:
             out = self.f(state, self.rows.idx) if self.compact is not None else self.f(state)
         _check_output(out, self.spec, self.amp.enabled, self.spec.samples(z.shape[0]))
         self.charges.append(charge)
-        self.rows_processed += z.shape[0]
+        self.rows_processed += self.spec.samples(z.shape[0])
         return _flatten(out, self.spec)
 
     def _seen(self, z: Tensor) -> Tensor:
@@ -676,7 +676,8 @@ class _Loop:
         if self.compact is None:
             worst, n_active = masked.max().item(), None
         else:
-            worst, n_active = torch.stack([masked.max(), self.active.sum().to(masked.dtype)]).tolist()
+            units = self._units()
+            worst, n_active = torch.stack([masked.max(), units.sum().to(masked.dtype)]).tolist()
         if not math.isfinite(worst):
             self._non_finite()
             worst = torch.where(self.active, self.excess, self.minus_one).max().item()
@@ -687,10 +688,15 @@ class _Loop:
             self.best_z.lerp_(self.seen, self.improved.to(self.best_z.dtype)[:, None])
         self.improved = None
         self.keep_going = worst > 0
-        working = self.active.shape[0]
-        if (not final and self.keep_going and n_active is not None and n_active < working
-                and n_active <= self.compact * working):
+        if n_active is None or final or not self.keep_going:
+            return
+        working = units.shape[0]
+        if n_active < working and n_active <= self.compact * working:
             self._compact()
+
+    def _units(self) -> Tensor:
+        """Per working sample: still iterating (what compaction counts and drops)."""
+        return self.active
 
     def _compact(self) -> None:
         """Drop the rows that stopped from every working tensor (they keep their results)."""
@@ -805,6 +811,38 @@ class _CausalLoop(_Loop):
         super().__init__(*args, **kwargs)
         self.length = self.spec.length
         self.nstep = torch.zeros(self.spec.batch * self.length, dtype=torch.int64, device=self.nstep.device)
+        self.out: tuple[Tensor, Tensor, Tensor] | None = None  # last z, nstep, active per row, once compacted
+
+    def _units(self) -> Tensor:
+        return self.active.view(-1, self.length).any(dim=1)
+
+    def _row_index(self, samples: Tensor) -> Tensor:
+        """The rows of ``samples`` (each sample's ``length`` consecutive rows)."""
+        return (samples[:, None] * self.length + torch.arange(self.length, device=samples.device)).flatten()
+
+    def _write(self, samples: Tensor) -> None:
+        """Store the last iterate, counts and active flags of working ``samples`` in full-batch outputs."""
+        if self.out is None:
+            rows, dim = self.spec.batch * self.length, self.it.z.shape[1]
+            self.out = (self.it.z.new_zeros(rows, dim), self.nstep.new_zeros(rows),
+                        self.active.new_zeros(rows))
+        src, dst = self._row_index(samples), self._row_index(self.rows.batch_rows(samples))
+        for out, value in zip(self.out, (self.it.z, self.nstep, self.active)):
+            out.index_copy_(0, dst, value.index_select(0, src))
+
+    def _compact(self) -> None:
+        """Drop the samples whose every position has stopped (f is then called on the others only)."""
+        units = self._units()
+        keep, leave = units.nonzero().squeeze(1), (~units).nonzero().squeeze(1)
+        self._count()
+        self._write(leave)
+        rows = self._row_index(keep)
+        self.rows.idx = self.rows.batch_rows(keep)
+        self.rows.epochs.append((self.n_iter, self.rows.idx))
+        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        self.nstep, self.active, self.excess = pick(self.nstep), pick(self.active), pick(self.excess)
+        self.it = Iterate(*(pick(t) for t in self.it))
+        self.state = _select(self.state, rows)
 
     def _prefix(self, norms: Tensor | None) -> Tensor | None:
         """Per-row norms -> per-row prefix norms within each sample (sums of squares in float64)."""
@@ -845,8 +883,8 @@ class _CausalLoop(_Loop):
         bad = self.active & ~(torch.isfinite(g).all(dim=1) & torch.isfinite(fz).all(dim=1))
         if bool(bad.any()):
             samples = bad.view(-1, self.length).any(dim=1)
-            idx, shown = _sample_list(samples)
-            step = next(t for t in range(self.n_iter) if not bool(torch.isfinite(self.gns[t][samples]).all()))
+            idx, shown = _sample_list(self._batch_mask(samples))
+            step = next(t for t in range(self.n_iter) if not bool(torch.isfinite(self._at(t, samples)).all()))
             raise NonFiniteError(
                 f"{self.stage} solve ({self.algo.name}, causal): f returned non-finite values (NaN or inf), or "
                 f"the iterate did, at step {step} for samples [{shown}] (causal mode keeps no best iterate: "
@@ -859,15 +897,19 @@ class _CausalLoop(_Loop):
     def result(self) -> SolverResult:
         test = self.test
         self._count()
-        per_position = self.nstep.view(-1, self.length)
-        gn = torch.stack(self.gns)
-        fn = None if self.fns[0] is None else torch.stack(self.fns)
-        converged = ~self.active.view(-1, self.length)[:, -1]
+        z, nstep, active = self.it.z, self.nstep, self.active
+        if self.out is not None:  # compacted: the samples still working join those that left
+            self._write(torch.arange(self.active.shape[0] // self.length, device=z.device))
+            z, nstep, active = self.out
+        per_position = nstep.view(-1, self.length)
+        gn = self.rows.trace(self.gns)
+        fn = None if self.fns[0] is None else self.rows.trace(self.fns)
+        converged = ~active.view(-1, self.length)[:, -1]
         best_step = torch.where(converged, per_position[:, -1] - 1, gn.shape[0] - 1)
         trace = test.residual(gn, fn)
         steps = torch.arange(gn.shape[0], device=gn.device)[:, None]
         trace = torch.where(steps > best_step, trace.gather(0, best_step[None]), trace)
-        return SolverResult(z=_unflatten(self.it.z.clone(), self.spec), nstep=per_position.amax(dim=1),
+        return SolverResult(z=_unflatten(z.clone(), self.spec), nstep=per_position.amax(dim=1),
                             residual=trace.gather(0, best_step[None])[0], converged=converged, trace=trace,
                             best_step=best_step, n_iter=gn.shape[0], solver=self.algo.name,
                             stop_mode=test.stop_mode, tol=test.tol, atol=test.atol, rows=self.rows_processed)
@@ -965,7 +1007,8 @@ def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "ander
             position's prefix; Broyden keeps one low-rank inverse Jacobian
             per position; see :class:`_CausalLoop` for the returned iterate).
             ``nstep``, ``residual``, ``converged`` and ``trace`` are per sample,
-            taken on the whole sequence. Not with ``compact``.
+            taken on the whole sequence. With ``compact``, a sample leaves the
+            working set once all its positions have stopped.
         stage: a name used in error messages (``"forward"``, ``"backward"``).
 
     Returns:
@@ -991,8 +1034,6 @@ def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "ander
     spec = _spec_of(z0, time_dim)
     device = (z0[0] if spec.is_tuple else z0).device
     if time_dim is not None:
-        if compact is not False:
-            raise ValueError("compact=... and time_dim=... (causal mode) cannot be combined")
         algo = algo.causal(spec.length)
     test = _StopTest(stop_mode, tol, float(atol))
     loop_options = dict(compact=_compact_threshold(compact), check_every=_check_interval(check_every, device))
