@@ -88,12 +88,15 @@ class Cosine(_Stateless):
     def lr(self, step: int, base_lr: float) -> float:
         if step < self.warmup_steps:
             return base_lr * _warmup(step, self.warmup_steps)
-        progress = min(step, self.max_steps) / self.max_steps
-        return self.eta_min + (base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.eta_min + (base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * self._progress(step)))
+
+    def _progress(self, step: int) -> float:
+        """The cosine's phase in ``[0, 1]`` at ``step`` (past the warmup)."""
+        return min(step, self.max_steps) / self.max_steps
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class WarmupCosine(_Stateless):
+class WarmupCosine(Cosine):
     """Linear warmup, then a cosine from ``base_lr`` at the end of the warmup to ``eta_min`` at ``max_steps``.
 
     ``lr = eta_min + (base_lr - eta_min) (1 + cos(pi p)) / 2`` with
@@ -103,20 +106,8 @@ class WarmupCosine(_Stateless):
     and 1.116x near the end.
     """
 
-    warmup_steps: int = 0
-    max_steps: int
-    eta_min: float = 0.0
-
-    def __post_init__(self):
-        _check("warmup_steps", self.warmup_steps, minimum=0, integer=True)
-        _check("max_steps", self.max_steps, minimum=1, integer=True)
-        _check("eta_min", self.eta_min, minimum=0.0)
-
-    def lr(self, step: int, base_lr: float) -> float:
-        if step < self.warmup_steps:
-            return base_lr * _warmup(step, self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
-        return self.eta_min + (base_lr - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def _progress(self, step: int) -> float:
+        return min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
 
 
 @dataclasses.dataclass(kw_only=True)
