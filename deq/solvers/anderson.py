@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .base import Iterate, Solver, register
+from .contract import Iterate, Solver, register
 
 
 @register("anderson")

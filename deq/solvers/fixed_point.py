@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Iterate, Solver, register
+from .contract import Iterate, Solver, register
 
 
 @register("fixed_point")
