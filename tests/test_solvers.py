@@ -1161,3 +1161,37 @@ def test_check_every_k_finds_a_non_finite_value_and_names_its_step():
 def test_invalid_check_every(every):
     with pytest.raises(ValueError, match="check_every"):
         solve(torch.cos, torch.zeros(2, 1), check_every=every)
+
+
+@solver_param
+@pytest.mark.parametrize("compact", [False, 1.0])
+def test_adaptive_checks_give_the_same_results_with_fewer_syncs(solver, compact, monkeypatch):
+    prob = TanhNet(batch=6, rho=(0.1, 0.3, 0.6, 0.8, 0.9, 0.97), seed=3)
+    f = _rowwise(prob) if compact else prob.f
+    one = solve(f, prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact)
+    syncs = _count_syncs(monkeypatch)
+    res = solve(f, prob.z0, solver=solver, tol=1e-9, max_iter=300, compact=compact, check_every="adaptive")
+    monkeypatch.undo()
+    _assert_same_result(res, one, atol=0)
+    assert one.n_iter <= res.n_iter <= one.n_iter + 8
+    checks = len(syncs) if not compact else len([s for s in syncs if s == "tolist"])
+    assert checks < 0.7 * one.n_iter, (checks, one.n_iter, res.n_iter)
+
+
+def test_adaptive_schedule_predicts_from_the_decay_of_the_worst_ratio():
+    from deq.solvers._loop import _Schedule
+
+    sched = _Schedule(None)
+    sched.plan(1, 1000.0)
+    assert sched.next == 2  # one point: no rate yet
+    sched.plan(2, 500.0)  # halves per iteration: 1 + log2(500) ~ 9 left -> check in half of them, capped at 8
+    assert sched.next == 2 + 4
+    sched.plan(6, 500.0 / 16)  # still halving: ~5 left -> 2
+    assert sched.next == 8
+    sched.plan(8, 40.0)  # grew: check every iteration
+    assert sched.next == 9
+    fixed = _Schedule(3)
+    fixed.plan(1)
+    assert fixed.next == 3
+    fixed.plan(3)
+    assert fixed.next == 6

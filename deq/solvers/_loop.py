@@ -182,18 +182,57 @@ class _Rows:
         return full
 
 
+class _Schedule:
+    """When the loop checks (its one host sync): every ``every`` iterations, or adaptively (``every=None``).
+
+    Adaptive: from the worst ratio ``q = ||g|| / (atol + rtol ||f(z)||)`` over
+    the samples still iterating (a sample stops at ``q <= 1``) at two checks,
+    the rate ``q`` falls at per iteration predicts the iterations left; the
+    next check comes after half of them (at least 1, at most :attr:`MAX_GAP`),
+    so a sync is rarely wasted and the loop rarely runs far past the last
+    sample's stop. A stalled or growing ``q`` checks every iteration.
+    """
+
+    MAX_GAP = 8
+
+    def __init__(self, every: int | None):
+        self.every, self.next, self.last, self.seen = every, 1, 0, None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.every is None
+
+    def due(self, n_iter: int) -> bool:
+        return n_iter >= self.next
+
+    def plan(self, n_iter: int, ratio: float | None = None) -> None:
+        """Record a check at ``n_iter`` (with the worst ratio, when adaptive) and set the next one."""
+        self.last = n_iter
+        if self.every is not None:
+            self.next = (n_iter // self.every + 1) * self.every
+            return
+        gap = 1
+        if self.seen is not None and ratio is not None and math.isfinite(ratio) and ratio > 1:
+            before, was = self.seen
+            if was > ratio and n_iter > before:
+                rate = (ratio / was) ** (1.0 / (n_iter - before))
+                gap = int(min(self.MAX_GAP, max(1.0, 0.5 * math.log(ratio) / -math.log(rate))))
+        self.seen = (n_iter, ratio)
+        self.next = n_iter + gap
+
+
 class _Loop:
     """One solve's bookkeeping: the stop test, the best iterate, counts, the raw trace, the active set.
 
-    Per iteration (:meth:`record`) about ten small tensor ops; every
-    ``check_every`` iterations one host sync (:meth:`check`), which also
+    Per iteration (:meth:`record`) about ten small tensor ops; when the
+    :class:`_Schedule` says so, one host sync (:meth:`check`), which also
     compacts the working set in active-set mode.
     """
 
     def __init__(self, f: Callable, spec: _Spec, test: _StopTest, algo: Solver, stage: str, device: torch.device,
-                 amp: _Autocast, *, compact: float | None, check_every: int):
+                 amp: _Autocast, *, compact: float | None, check_every: int | None):
         self.f, self.spec, self.test, self.algo, self.stage, self.amp = f, spec, test, algo, stage, amp
-        self.compact, self.check_every = compact, check_every
+        self.compact, self.schedule = compact, _Schedule(check_every)
         self.nstep = torch.zeros(spec.batch, dtype=torch.int64, device=device)
         # With a bf16/fp16 f the state is wider than what f sees; the residual (and
         # the best iterate) are taken at the iterate as f saw it, rounded, because
@@ -258,7 +297,7 @@ class _Loop:
         self.gns.append(gn)
         self.fns.append(fn)
         self.it, self.fn, self.seen = Iterate(z, fz, g, gn), fn, seen
-        if self.n_iter % self.check_every == 0:
+        if self.schedule.due(self.n_iter):
             self.check()
         else:
             # Unchecked rows may be NaN: where() keeps them out of the best iterate.
@@ -268,11 +307,17 @@ class _Loop:
     def check(self, *, final: bool = False) -> None:
         """The host sync: whether any sample goes on; raises on non-finite values; compacts (not when final)."""
         masked = torch.where(self.active, self.excess, self.minus_one)
-        if self.compact is None:
-            worst, n_active = masked.max().item(), None
-        else:
+        wanted = [masked.max()]
+        if self.compact is not None:
             units = self._units()
-            worst, n_active = torch.stack([masked.max(), units.sum().to(masked.dtype)]).tolist()
+            wanted.append(units.sum().to(masked.dtype))
+        if self.schedule.adaptive:  # the worst ||g|| / threshold, from ||g|| and the excess ||g|| - threshold
+            gn = self.it.gn
+            wanted.append(torch.where(self.active, gn / (gn - self.excess), 0.0).max())
+        stats = torch.stack(wanted).tolist() if len(wanted) > 1 else [wanted[0].item()]
+        worst = stats[0]
+        n_active = stats[1] if self.compact is not None else None
+        self.schedule.plan(self.n_iter, stats[-1] if self.schedule.adaptive else None)
         if not math.isfinite(worst):
             self._non_finite()
             worst = torch.where(self.active, self.excess, self.minus_one).max().item()
@@ -470,7 +515,7 @@ class _CausalLoop(_Loop):
         self.state = state
         self.seen = self._seen(z)
         self.it = Iterate(z, fz, g, self._measure(fz - self.seen if self.narrow else g, fz))
-        if self.n_iter % self.check_every == 0:
+        if self.schedule.due(self.n_iter):
             self.check()
 
     def _non_finite(self) -> None:

@@ -93,15 +93,17 @@ def _compact_threshold(compact: bool | float) -> float | None:
     raise ValueError(f"compact must be True, False or a threshold in (0, 1], got {compact!r}")
 
 
-def _check_interval(check_every: int | str, device: torch.device) -> int:
+def _check_interval(check_every: int | str, device: torch.device) -> int | None:
+    """The loop's check interval; ``None`` for the adaptive schedule (``_Schedule``)."""
     if check_every == "auto":
         # A host sync costs next to nothing on the CPU; on an accelerator it
-        # drains the launch queue, and a few unneeded iterations (frozen, not
-        # charged) are cheaper than a stall per iteration.
-        return 1 if device.type == "cpu" else 4
+        # drains the launch queue, so there the schedule predicts when to check.
+        return 1 if device.type == "cpu" else None
+    if check_every == "adaptive":
+        return None
     if isinstance(check_every, int) and not isinstance(check_every, bool) and check_every >= 1:
         return check_every
-    raise ValueError(f"check_every must be an integer >= 1 or 'auto', got {check_every!r}")
+    raise ValueError(f"check_every must be an integer >= 1, 'auto' or 'adaptive', got {check_every!r}")
 
 
 @torch.no_grad()
@@ -147,11 +149,13 @@ def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "ander
             of batched kernels); ``SolverResult.rows`` counts the rows ``f``
             processed.
         check_every: host syncs (the stop and finiteness check) every this many
-            iterations (``"auto"``: 1 on the CPU, 4 on an accelerator). Per-
-            sample results do not depend on it: a sample that stops between two
-            checks is frozen and charged nothing more; only ``n_iter`` (and the
-            rows of a batch that is already done) may grow by up to
-            ``check_every - 1``.
+            iterations; ``"adaptive"``: the next check when the slowest
+            sample's residual decay predicts it will stop (at most 8 apart);
+            ``"auto"``: 1 on the CPU (a sync costs nothing there), adaptive on
+            an accelerator. Per-sample results do not depend on it: a sample
+            that stops between two checks is frozen and charged nothing more;
+            only ``n_iter`` (and the rows of a batch that is already done) may
+            grow by up to the check interval minus one.
         time_dim: causal mode, for a state with a time axis (the same dim of
             every part) and an ``f`` whose output at position ``t`` depends on
             positions ``<= t`` only: the solve keeps that property exactly, at
@@ -200,6 +204,6 @@ def solve(f: Callable[..., State], z0: State, *, solver: "Solver | str" = "ander
         loop.start(_flatten(z0, spec))
         while loop.keep_going and loop.n_iter < max_iter:
             loop.record(*algo.step(loop.state, loop.it, loop.active, loop.evaluate))
-        if loop.improved is not None or loop.n_iter % loop.check_every:
-            loop.check(final=True)  # the last iterate's check, when the interval skipped it
+        if loop.schedule.last != loop.n_iter:
+            loop.check(final=True)  # the last iterate's check, when the schedule skipped it
         return loop.result()

@@ -19,7 +19,10 @@ active-set mode (``compact=True``), it reports:
 - ``wall c/f``: the wall time of the compact solve over that of the full one
   (same run, medians);
 - ``syncs``: host syncs per solve (calls of ``item``/``tolist``/``bool``/``int``/
-  ``float``/``nonzero`` on tensors, counted in one extra solve);
+  ``float``/``nonzero`` on tensors, counted in one extra solve), with the
+  default check every iteration and, ``ad syncs``/``ad its``, with
+  ``check_every="adaptive"`` (the default on an accelerator): its syncs and
+  iterations (the per-sample results are the same);
 - ``ops/it``: tensor operations (ATen ops, views included) the loop and the
   solver dispatch per iteration outside f, counted with a dispatch mode in
   one extra solve: the overhead of small problems is mostly this count times
@@ -160,6 +163,8 @@ def run_cell(meta: dict, z0, solver: Solver, tol: float, max_iter: int, compact:
     per_call = inside[-1] / f.calls
     with SyncCounter() as syncs:
         solve(f if compact else (lambda z: f(z)), z0, **options)
+    with SyncCounter() as adaptive_syncs:
+        adaptive = solve(f if compact else (lambda z: f(z)), z0, check_every="adaptive", **options)
     ops = OpCounter()
     with ops:
         counted = solve(ops.wrap(f) if compact else ops.wrap(lambda z: f(z)), z0, **options)
@@ -169,6 +174,7 @@ def run_cell(meta: dict, z0, solver: Solver, tol: float, max_iter: int, compact:
                 converged=result.converged.double().mean().item(), res_max=result.residual.double().max().item(),
                 wall_s=statistics.median(walls), walls_s=walls, in_f_s=statistics.median(inside),
                 t_call_s=per_call, syncs=syncs.count, ops_per_iter=ops.count / counted.n_iter,
+                adaptive_syncs=adaptive_syncs.count, adaptive_iters=adaptive.n_iter,
                 overhead=statistics.median((w - t) / w for w, t in zip(walls, inside)))
 
 
@@ -236,7 +242,8 @@ def print_table(rows: list[dict], info: dict) -> None:
     print(f"\n{info['name']}: batch {info['batch']}, D = {info['dim']} per sample{extra}, "
           f"t_f = {info['t_f_s'] * 1e3:.3f} ms per call on the batch, max_iter {info['max_iter']}")
     head = (f"{'solver':<11} {'tol':>6} {'nstep':>7} {'iters':>6} {'alone':>7} {'rows full':>9} {'ratio':>6} "
-            f"{'rows cmp':>8} {'ratio':>6} {'ovh full':>8} {'ovh cmp':>7} {'wall c/f':>8} {'syncs':>5} {'ops/it':>6}")
+            f"{'rows cmp':>8} {'ratio':>6} {'ovh full':>8} {'ovh cmp':>7} {'wall c/f':>8} {'syncs':>5} {'ad syncs':>8} "
+            f"{'ad its':>6} {'ops/it':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -244,7 +251,7 @@ def print_table(rows: list[dict], info: dict) -> None:
         print(f"{r['solver']:<11} {r['tol']:>6.0e} {full['nstep_mean']:>7.1f} {full['iters']:>6d} "
               f"{full['alone']:>7d} {full['rows']:>9d} {full['ratio']:>6.3f} {comp['rows']:>8d} {comp['ratio']:>6.3f} "
               f"{full['overhead']:>8.2f} {comp['overhead']:>7.2f} {r['wall_ratio']:>8.2f} {full['syncs']:>5d} "
-              f"{full['ops_per_iter']:>6.1f}")
+              f"{full['adaptive_syncs']:>8d} {full['adaptive_iters']:>6d} {full['ops_per_iter']:>6.1f}")
 
 
 def check_targets(all_rows: list[dict], infos: list[dict]) -> list[dict]:
