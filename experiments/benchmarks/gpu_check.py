@@ -1,6 +1,6 @@
-"""A CUDA check of deq in one run: memory, speed, bf16 training, host syncs.
+"""A CUDA check of deq in one run: memory, speed, bf16 training, host syncs, sync schedule.
 
-Four sections, each printed as a table, all written to ``gpu_check.json`` in ``--out``:
+Five sections, each printed as a table, all written to ``gpu_check.json`` in ``--out``:
 
 1. **memory** under the DEQ paper's protocol (``memory.py --protocol``): batch
    15, length 150, word embeddings excluded; each DEQ against its explicit twin
@@ -21,6 +21,10 @@ Four sections, each printed as a table, all written to ``gpu_check.json`` in ``-
    device-to-host copies, ...) counted exactly with a ``TorchDispatchMode``
    during a forward solve and a backward solve of each solver; on CUDA also
    the synchronisations ``torch.cuda.set_sync_debug_mode("warn")`` reports.
+5. **checks**: the forward solve time of a DEQ-Transformer block at the
+   WikiText-103 recipe's width and batch (d_model 700, d_inner 48000, batch
+   56 x 150) with a host sync every iteration and with ``check_every="auto"``
+   (the adaptive schedule on an accelerator), with their syncs.
 
 A row that fails (out of memory at every batch, or an op that does not yet run
 under autocast) is reported with its error and the run goes on.
@@ -37,6 +41,7 @@ CPU smoke run at toy sizes (seconds; CI-sized)::
 from __future__ import annotations
 
 import argparse
+import statistics
 import functools
 import gc
 import json
@@ -409,6 +414,52 @@ def _print_syncs(rows: list[dict], device: torch.device) -> None:
         print(f"{r['solver']}: forward {r['fwd_by_op']}; backward {r['bwd_by_op']}")
 
 
+def checks_section(device: torch.device, *, quick: bool) -> list[dict]:
+    """Forward solve time of the WT103-width block with a host sync every iteration and with ``check_every="auto"``."""
+    kw = (dict(n_token=64, d_model=32, n_head=2, d_head=16, d_inner=64, mem_len=8) if quick else
+          dict(n_token=1000, d_model=700, n_head=10, d_head=70, d_inner=48000, mem_len=150))
+    batch, seq = (2, 8) if quick else (56, 150)
+    torch.manual_seed(0)
+    model = DEQTransformerLM(**kw, dropout=0.0, deq_layer=_deq_layer(max_iter=30)).to(device).eval()
+    tokens = markov_tokens(kw["n_token"], seq, batch).to(device)
+    captured = {}
+    real = model.deq.forward
+
+    def capture(x, z0=None, **kwargs):
+        captured.update(x=x, z0=z0)
+        return real(x, z0, **kwargs)
+
+    model.deq.forward = capture
+    with torch.no_grad():
+        model(tokens)
+    model.deq.forward = real
+    block, x, z0 = model.deq.f, captured["x"], captured["z0"]
+    rows = []
+    for every in (1, "auto"):
+        times, result = [], None
+        for _ in range(2 if quick else 5):
+            _sync(device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                result = deq.solve(lambda z: block(z, x), z0, solver="anderson", tol=1e-3, max_iter=30,
+                                   check_every=every, time_dim=1)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        counter, _ = _counted_phase(lambda: deq.solve(lambda z: block(z, x), z0, solver="anderson", tol=1e-3,
+                                                      max_iter=30, check_every=every, time_dim=1), device)
+        rows.append(dict(check_every=str(every), seconds=statistics.median(times), n_iter=result.n_iter,
+                         nstep_mean=result.nstep.double().mean().item(), syncs=counter.total))
+    print(f"\n== 5. forward solve of the block at d_model {kw['d_model']}, batch {batch} x {seq} (causal Anderson, "
+          f"rel 1e-3, <= 30): a host sync per iteration against check_every='auto' ==")
+    print(f"{'check_every':12s} {'ms':>9s} {'iters':>6s} {'nstep':>6s} {'syncs':>6s}")
+    for r in rows:
+        print(f"{r['check_every']:12s} {r['seconds'] * 1e3:9.1f} {r['n_iter']:6d} {r['nstep_mean']:6.1f} "
+              f"{r['syncs']:6d}")
+    print(f"auto / every iteration: {rows[1]['seconds'] / rows[0]['seconds']:.3f} of the time "
+          f"(on the CPU 'auto' is 1: the same)")
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -416,8 +467,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="toy sizes (a CPU smoke run in seconds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench_out", help="directory for gpu_check.json")
-    parser.add_argument("--sections", default="memory,speed,training,syncs",
-                        help="comma-separated subset of memory,speed,training,syncs")
+    parser.add_argument("--sections", default="memory,speed,training,syncs,checks",
+                        help="comma-separated subset of memory,speed,training,syncs,checks")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -426,7 +477,8 @@ def main() -> None:
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     else:
         print(f"device: cpu, torch {torch.__version__}" + ("" if args.quick else " (the full sizes want a GPU)"))
-    sections = dict(memory=memory_section, speed=speed_section, training=training_section, syncs=syncs_section)
+    sections = dict(memory=memory_section, speed=speed_section, training=training_section, syncs=syncs_section,
+                    checks=checks_section)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(sections))
     if unknown:
