@@ -122,7 +122,7 @@ def _speed_config(quick: bool) -> tuple[dict, int, int, int]:
 def _methods(twin: int) -> list[tuple[str, object, int | None]]:
     # Implicit as in the WT103 recipe (configs/grad/implicit_broyden35.yaml); the phantom
     # gradients as in wt103_transformer_upg (UPG(5, 0.8)) with NPG at the same k and damping.
-    return [("Implicit(broyden)", deq.Implicit(solver="broyden", tol=1e-3, max_iter=35), None),
+    return [("Implicit(broyden)", deq.Implicit(solver=deq.Broyden(memory=35), tol=1e-3, max_iter=35), None),
             ("UPG(5,0.8)", deq.UPG(k=5, damping=0.8), None),
             ("NPG(5,0.8)", deq.NPG(k=5, damping=0.8), None),
             (f"explicit L={twin}", None, twin)]
