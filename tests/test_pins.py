@@ -1,0 +1,187 @@
+"""Behaviours the rest of the suite let change, found by mutation testing (README: "Mutation testing").
+
+Each test pins one documented behaviour at parameter values where a plausible
+slip in the code shows: an option that must reach a call, a field of a
+result, a branch that only a particular input takes.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import pytest
+import torch
+
+from deq import DEQLayer, solve
+from deq.layer import _Call, select_rows
+from deq.reg import jacobian_reg, spectral_radius
+from deq.solvers import Anderson, Broyden, FixedPoint, NonFiniteError
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------
+# deq.reg
+
+
+def _unused_part_map():
+    """f(z, x) = (h * s, 0.1 h[:, :2]) for z = (h, c): no output depends on c."""
+    s = torch.tensor([0.9, -0.5, 0.3], dtype=F64)
+    return lambda z, x: (z[0] * s, 0.1 * z[0][:, :2]), s
+
+
+def test_spectral_radius_default_is_thirty_power_steps_and_follows_the_generator():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 5, dtype=F64, generator=gen)
+    z = torch.randn(2, 5, dtype=F64, generator=gen)
+    f = lambda z, x: torch.tanh(z @ w.T)  # noqa: E731
+    default = spectral_radius(f, z, None, generator=torch.Generator().manual_seed(3))
+    thirty = spectral_radius(f, z, None, n_iter=30, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(default, thirty)
+    assert not torch.equal(default, spectral_radius(f, z, None, n_iter=31, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(default, spectral_radius(f, z, None, generator=torch.Generator().manual_seed(4)))
+    assert default.dtype == F64
+
+
+def test_spectral_radius_with_one_power_step_is_the_norm_ratio_of_one_vjp():
+    s = torch.tensor([0.9, -0.5, 0.3], dtype=F64)
+    z = torch.ones(2, 3, dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    rho = spectral_radius(lambda z, x: z * s, z, None, n_iter=1, generator=gen)
+    u = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(rho, (u * s).norm(dim=1) / u.norm(dim=1), rtol=1e-14, atol=0)
+
+
+def test_spectral_radius_and_jacobian_reg_of_a_tuple_state_with_an_unused_part():
+    """The c part reaches no output: its VJP is None, counted as zero (not an error)."""
+    f, s = _unused_part_map()
+    z = (torch.ones(2, 3, dtype=F64), torch.ones(2, 2, dtype=F64))
+    rho = spectral_radius(f, z, None, n_iter=200, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rho, torch.full((2,), 0.9, dtype=F64), rtol=1e-8, atol=0)
+    reg = jacobian_reg(f, z, None, n_probes=1, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    eps_h, eps_c = torch.randn(2, 3, dtype=F64, generator=gen), torch.randn(2, 2, dtype=F64, generator=gen)
+    vjp_h = eps_h * s + torch.cat([0.1 * eps_c, torch.zeros(2, 1, dtype=F64)], dim=1)
+    torch.testing.assert_close(reg, (vjp_h ** 2).sum(dim=1).mean() / 5, rtol=1e-14, atol=0)
+
+
+def test_jacobian_reg_follows_its_generator_and_keeps_the_dtype():
+    w = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    f = lambda z, x: torch.tanh(z @ w.T)  # noqa: E731
+    one = jacobian_reg(f, z, None, n_probes=2, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(one, jacobian_reg(f, z, None, n_probes=2, generator=torch.Generator().manual_seed(5)))
+    assert not torch.equal(one, jacobian_reg(f, z, None, n_probes=2, generator=torch.Generator().manual_seed(6)))
+    assert one.dtype == F64 and one.shape == ()
+
+
+# ----------------------------------------------------------------------------
+# Empty batches
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_empty_result_has_every_field_typed_like_a_full_one(solver):
+    z0 = (torch.zeros(0, 3, dtype=F64), torch.zeros(0, 2, dtype=torch.float32))
+    res = solve(torch.cos, z0, solver=solver, tol=1e-3, max_iter=7, stop_mode="rel", atol=1e-9)
+    full = solve(lambda z: tuple(torch.cos(t) for t in z), tuple(torch.zeros(2, *t.shape[1:], dtype=t.dtype) for t in z0),
+                 solver=solver, tol=1e-3, max_iter=7, stop_mode="rel", atol=1e-9)
+    for name in ("nstep", "residual", "converged", "best_step"):
+        got, want = getattr(res, name), getattr(full, name)
+        assert got.shape == (0,) and got.dtype == want.dtype, name
+    assert res.trace.shape == (0, 0) and res.trace.dtype == full.trace.dtype
+    assert (res.solver, res.stop_mode, res.tol, res.atol, res.rows, res.n_iter) == (full.solver, "rel", 1e-3, 1e-9, 0, 0)
+    assert [t.dtype for t in res.z] == [F64, torch.float32]
+    assert res.z[0] is not z0[0]  # a copy, as for a full batch
+    assert set(res.summary()) == set(full.summary())
+    assert all(math.isnan(v) for v in res.summary().values())
+
+
+# ----------------------------------------------------------------------------
+# select_rows and the active-set form of a layer call
+
+
+class _Selectable:
+    def __init__(self, data):
+        self.data = data
+
+    def select_rows(self, rows):
+        return _Selectable(self.data[rows])
+
+
+def test_select_rows_of_nested_inputs():
+    Pair = collections.namedtuple("Pair", "a b")
+    x = {"t": torch.arange(4.0), "list": [torch.arange(4.0) * 2, None], "pair": Pair(torch.arange(4.0) + 1, 7),
+         "own": _Selectable(torch.arange(4.0) - 1), "name": "s", "flag": True, "scale": 0.5}
+    rows = torch.tensor([1, 3])
+    out = select_rows(x, rows)
+    assert torch.equal(out["t"], torch.tensor([1.0, 3.0]))
+    assert isinstance(out["list"], list) and torch.equal(out["list"][0], torch.tensor([2.0, 6.0]))
+    assert out["list"][1] is None
+    assert type(out["pair"]) is Pair and torch.equal(out["pair"].a, torch.tensor([2.0, 4.0])) and out["pair"].b == 7
+    assert isinstance(out["own"], _Selectable) and torch.equal(out["own"].data, torch.tensor([0.0, 2.0]))
+    assert (out["name"], out["flag"], out["scale"]) == ("s", True, 0.5)
+    plain = select_rows((torch.arange(4.0), 3), rows)
+    assert type(plain) is tuple and torch.equal(plain[0], torch.tensor([1.0, 3.0])) and plain[1] == 3
+    with pytest.raises(TypeError, match="select_rows"):
+        select_rows(object(), rows)
+
+
+def test_on_rows_checks_the_rng_once_and_slices_x_once_per_working_set():
+    seen = []
+
+    def f(z, x):
+        seen.append(x)
+        return z + x
+
+    x = torch.arange(4.0)[:, None]
+    call = _Call(f, x, None)
+    z = torch.zeros(4, 1)
+    call.on_rows(z, None)
+    rows = torch.tensor([0, 2])
+    call.on_rows(z[rows], rows)
+    call.on_rows(z[rows], rows)
+    assert seen[1] is seen[2] and torch.equal(seen[1], x[rows])  # sliced once for this working set
+    other = torch.tensor([2])
+    call.on_rows(z[other], other)
+    assert torch.equal(seen[3], x[other])
+
+
+# ----------------------------------------------------------------------------
+# Causal mode: overflowing norms and non-finite iterates
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_causal_large_finite_float32_states_are_not_reported_non_finite(solver):
+    """Entries near 1e30 from f(z0) on: squares overflow float32, the (scaled) norms do not."""
+    c = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]])[None].expand(2, 2, 3) * 1e30
+
+    def f(z):
+        prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
+        return 0.5 * z + 0.25 * prev + c
+
+    res = solve(f, torch.zeros(2, 2, 3), solver=solver, tol=1e-5, max_iter=200, time_dim=1)
+    assert res.converged.all() and torch.isfinite(res.residual).all()
+    want = torch.stack([2 * c[:, 0], 2 * c[:, 1] + c[:, 0]], dim=1)  # z_t = 2 (c_t + z_{t-1} / 4)
+    torch.testing.assert_close(res.z, want, rtol=1e-4, atol=1e-3 * 1e30)
+
+
+class _Overflowing(FixedPoint):
+    """Plain iteration whose iterate of sample 1 turns inf at step 2 (f itself stays finite)."""
+
+    def step(self, state, it, active, evaluate):
+        z_new = it.fz.clone()
+        if not hasattr(self, "_n"):
+            object.__setattr__(self, "_n", 0)
+        object.__setattr__(self, "_n", self._n + 1)
+        if self._n == 2:
+            z_new[1] = float("inf")
+        fz = evaluate(z_new, active)
+        return state, z_new, fz, fz - z_new
+
+
+def test_causal_non_finite_iterate_with_finite_f_is_an_error():
+    """tanh(inf) = 1 is finite: the causal check must look at the iterate too."""
+    z0 = torch.full((3, 4, 1), 0.5, dtype=F64)
+    with pytest.raises(NonFiniteError, match=r"step 2 for samples \[0\]"):
+        solve(torch.tanh, z0, solver=_Overflowing(), tol=1e-12, max_iter=10, time_dim=1)
