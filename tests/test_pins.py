@@ -185,3 +185,64 @@ def test_causal_non_finite_iterate_with_finite_f_is_an_error():
     z0 = torch.full((3, 4, 1), 0.5, dtype=F64)
     with pytest.raises(NonFiniteError, match=r"step 2 for samples \[0\]"):
         solve(torch.tanh, z0, solver=_Overflowing(), tol=1e-12, max_iter=10, time_dim=1)
+
+
+def test_scaled_norms_are_per_sample():
+    """After an overflow the norms are rescaled by each sample's own largest entry, not the batch's.
+
+    Sample 0 lives near 1e30, sample 1 near 1e-20: divided by 1e30, sample 1 would underflow to a zero
+    residual and be called converged at z0.
+    """
+    c = torch.tensor([[1e30, -2e30, 5e29], [1e-20, 3e-20, -2e-20]])
+    res = solve(lambda z: 0.5 * z + c, torch.zeros(2, 3), solver="fixed_point", tol=1e-5, max_iter=100)
+    assert res.converged.all()
+    torch.testing.assert_close(res.z, 2 * c, rtol=1e-4, atol=0)
+    assert (res.nstep > 5).all()
+
+
+# ----------------------------------------------------------------------------
+# DEQLayer: unrolled mode's record, the batch-first check of compact mode
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_unrolled_record_has_the_layers_budget_and_a_residual_in_its_stop_mode(stop_mode):
+    """f(z) = z + (0.5, 0): the abs residual is exactly 0.5 at every step, the rel one 0.5 / ||f(z)||."""
+    c = torch.tensor([[0.5, 0.0]], dtype=F64).expand(3, 2)
+    layer = DEQLayer(lambda z, x: z + x, tol=0.5, atol=0.25 if stop_mode == "rel" else 0.0, stop_mode=stop_mode,
+                     unroll_steps=4)
+    layer(c)
+    res = layer.last_result
+    assert (res.stop_mode, res.tol, res.atol, res.n_iter, res.solver) == (stop_mode, 0.5, layer.atol, 4, "unrolled")
+    assert res.nstep.dtype == res.best_step.dtype == torch.int64
+    assert res.nstep.tolist() == [4] * 3 and res.best_step.tolist() == [3] * 3
+    last_in = 3 * c  # the 4th call's input: z0 = 0 then three steps of + c
+    want = torch.full((3,), 0.5, dtype=F64)
+    if stop_mode == "rel":
+        want = want / (last_in + c).norm(dim=1)
+    torch.testing.assert_close(res.residual, want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(res.z, last_in, rtol=0, atol=0)
+    # converged is residual <= tol (the unrolled layer applies no atol): 0.5 <= 0.5 in abs mode.
+    assert res.converged.tolist() == [True] * 3
+
+
+class _SharedInput(collections.namedtuple("_SharedInput", "x table")):
+    """A tuple input with a table shared by the batch: it answers select_rows itself."""
+
+    def select_rows(self, rows):
+        return _SharedInput(self.x[rows], self.table)
+
+
+def test_compact_batch_first_check_of_nested_inputs():
+    f = lambda z, x: torch.tanh(0.5 * z + x["inp"].x + x["inp"].table.sum() + x["scale"][:, None])  # noqa: E731
+    layer = DEQLayer(f, solver="fixed_point", backward="jfb", tol=1e-10, max_iter=100, compact=1.0)
+    x = {"inp": _SharedInput(torch.randn(3, 2, dtype=F64), torch.ones(7, dtype=F64)),
+         "scale": torch.tensor([0.1, 0.2, 0.3], dtype=F64)}  # 1-d, batch first
+    z = layer(x, torch.zeros(3, 2, dtype=F64))
+    full = DEQLayer(f, solver="fixed_point", backward="jfb", tol=1e-10, max_iter=100)(x, torch.zeros(3, 2, dtype=F64))
+    torch.testing.assert_close(z, full, rtol=0, atol=1e-12)
+    x["scale"] = torch.tensor([0.1, 0.2], dtype=F64)
+    with pytest.raises(ValueError, match=r"x\['scale'\].*shape \(2,\) for a batch of 3"):
+        layer(x, torch.zeros(3, 2, dtype=F64))
+    x["scale"] = torch.tensor(0.1, dtype=F64)
+    with pytest.raises(ValueError, match=r"x\['scale'\]"):
+        layer(x, torch.zeros(3, 2, dtype=F64))
