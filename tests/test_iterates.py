@@ -12,6 +12,8 @@ change *how* a gradient is computed, pinned where they change its value.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -246,3 +248,97 @@ def test_implicit_stop_mode_is_the_backward_solves(stop_mode):
     else:
         assert (gap <= tol * size).all() and (gap > tol).all()  # the relative test, which the absolute one is not
         torch.testing.assert_close(bwd.residual, gap / size, rtol=1e-6, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# The stateful parts: Anderson's restart on stagnation, Broyden's line search
+
+
+def _spd_root(batch=2, dim=5, top=6.0, nonlin=2.0, seed=2):
+    """z + g(z) with g(z) = b - A z - nonlin tanh(z), A SPD in [0.5, top]: plain iteration diverges."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(batch, dim, dim, generator=gen, dtype=F64))
+    A = q @ torch.diag_embed(torch.linspace(0.5, top, dim, dtype=F64).expand(batch, dim)) @ q.transpose(1, 2)
+    b = 2 * torch.randn(batch, dim, generator=gen, dtype=F64)
+    return lambda z: z + b - (A @ z[:, :, None]).squeeze(2) - nonlin * torch.tanh(z), torch.zeros(batch, dim, dtype=F64)
+
+
+def anderson_restarting_reference(f, z0, *, m, lam, beta, n):
+    """As above, and a sample whose ||g|| has not fallen below its best for m steps drops its history."""
+    out, restarts = [], 0
+    tiny = torch.finfo(F64).tiny
+    for b in range(z0.shape[0]):
+        fb = lambda v: f(v[None].expand(z0.shape[0], -1).clone())[b]  # noqa: E731
+        zs, gs = [z0[b]], [fb(z0[b]) - z0[b]]
+        hist, best, stale = [], math.inf, 0
+        for k in range(n - 1):
+            z, g = zs[-1], gs[-1]
+            if k > 0:
+                hist = (hist + [k - 1])[-m:]  # the pair (k - 1 -> k)
+                g_sq = float(g @ g)
+                stale = 0 if g_sq < best else stale + 1
+                best = min(best, g_sq)
+                if stale >= m:
+                    hist, stale, best, restarts = [], 0, g_sq, restarts + 1
+            if not hist:
+                z_new = z + beta * g
+            else:
+                dZ = torch.stack([zs[i + 1] - zs[i] for i in hist])
+                dG = torch.stack([gs[i + 1] - gs[i] for i in hist])
+                gram = dG @ dG.T
+                ridge = tiny + lam * gram.diagonal().max()
+                gamma = torch.linalg.solve(gram + ridge * torch.eye(len(hist), dtype=F64), dG @ g)
+                z_new = z + beta * g - gamma @ (dZ + beta * dG)
+            zs.append(z_new)
+            gs.append(fb(z_new) - z_new)
+        out.append(torch.stack(zs))
+    return torch.stack(out, dim=1), restarts
+
+
+@pytest.mark.parametrize("top,nonlin,beta,m", [(6.0, 2.0, 1.0, 2), (6.0, 2.0, 1.0, 3), (10.0, 3.0, 0.5, 2)])
+def test_anderson_restarts_on_stagnation_as_its_docstring_says(top, nonlin, beta, m):
+    f, z0 = _spd_root(top=top, nonlin=nonlin)
+    n = 14
+    want, restarts = anderson_restarting_reference(f, z0, m=m, lam=1e-3, beta=beta, n=n)
+    assert restarts > 0  # the window does contain restarts
+    _assert_same_iterates(_iterates(Anderson(m=m, lam=1e-3, beta=beta), f, z0, n), want)
+
+
+def broyden_line_search_reference(f, z0, *, memory, max_ls_iter, n, c=1e-4):
+    """Per sample: Armijo backtracking by halves; every step (trial or not) advances the restart cycle."""
+    out, backtracks = [], 0
+    for b in range(z0.shape[0]):
+        fb = lambda v: f(v[None].expand(z0.shape[0], -1).clone())[b]  # noqa: E731
+        eye = torch.eye(z0.shape[1], dtype=F64)
+        H = -eye
+        z = z0[b]
+        g = fb(z) - z
+        z_base, g_base, d, alpha, trials = z, g, g, 1.0, 1
+        zs = [z]
+        for k in range(n - 1):
+            if k > 0:
+                accept = bool(g.norm() <= (1 - c * alpha) * g_base.norm()) or trials >= max_ls_iter
+                if (k - 1) % memory == 0:
+                    H = -eye
+                if accept:
+                    s, y = z - z_base, g - g_base
+                    Hy = H @ y
+                    H = H + torch.outer(s - Hy, s @ H) / (s @ Hy)
+                    d, z_base, g_base, alpha, trials = -H @ g, z, g, 1.0, 1
+                else:
+                    alpha, trials, backtracks = alpha / 2, trials + 1, backtracks + 1
+            z = z_base + alpha * d
+            g = fb(z) - z
+            zs.append(z)
+        out.append(torch.stack(zs))
+    return torch.stack(out, dim=1), backtracks
+
+
+@pytest.mark.parametrize("memory,max_ls_iter", [(20, 5), (3, 2), (4, 3)])
+def test_broyden_line_search_iterates_match_a_reference(memory, max_ls_iter):
+    f, z0 = _spd_root()
+    n = 16
+    want, backtracks = broyden_line_search_reference(f, z0, memory=memory, max_ls_iter=max_ls_iter, n=n)
+    assert backtracks > 0
+    got = _iterates(Broyden(memory=memory, line_search=True, max_ls_iter=max_ls_iter), f, z0, n)
+    _assert_same_iterates(got, want)
