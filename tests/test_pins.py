@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
-from deq import DEQLayer, solve
+from torch import nn
+
+from deq import JFB, NPG, UPG, DEQLayer, solve
 from deq.layer import _Call, select_rows
 from deq.reg import jacobian_reg, spectral_radius
 from deq.solvers import Anderson, Broyden, FixedPoint, NonFiniteError
@@ -246,3 +248,49 @@ def test_compact_batch_first_check_of_nested_inputs():
     x["scale"] = torch.tensor(0.1, dtype=F64)
     with pytest.raises(ValueError, match=r"x\['scale'\]"):
         layer(x, torch.zeros(3, 2, dtype=F64))
+
+
+# ----------------------------------------------------------------------------
+# deq.grad.phantom
+
+
+@pytest.mark.parametrize("build", [lambda: UPG(k=True), lambda: NPG(k=2.5), lambda: UPG(k=0),
+                                   lambda: UPG(damping=0.0), lambda: NPG(damping=1.5), lambda: UPG(damping=-0.5)])
+def test_phantom_options_are_checked(build):
+    with pytest.raises(ValueError, match="k must|damping must"):
+        build()
+
+
+def test_upg_attach_passes_x_to_f():
+    """attach(f, z*, x) calls f(z, x) with the x it is given (the layer's f is bound; a user's is not)."""
+    seen = []
+
+    def f(z, x):
+        seen.append(x)
+        return 0.5 * z + x
+
+    x = torch.ones(2, 3, dtype=F64)
+    for bw in (UPG(k=2, damping=0.7), JFB()):
+        seen.clear()
+        z = bw.attach(f, torch.zeros(2, 3, dtype=F64), x)
+        assert all(s is x for s in seen) and len(seen) == bw.k
+        want = torch.zeros(2, 3, dtype=F64)
+        for _ in range(bw.k):
+            want = bw.damping * (0.5 * want + x) + (1 - bw.damping) * want
+        torch.testing.assert_close(z, want, rtol=0, atol=1e-15)
+
+
+def test_undamped_upg_returns_what_f_returns_under_autocast():
+    """damping 1: z_k is f's own output (its autocast dtype), as Implicit's is; damped steps keep z's dtype."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    f = lambda z, x: lin(z + x)  # noqa: E731  (bf16 under CPU autocast)
+    x = torch.randn(3, 4)
+    out = {}
+    for name, bw in (("jfb", JFB()), ("upg1", UPG(k=2, damping=1.0)), ("upg", UPG(k=2, damping=0.7)),
+                     ("implicit", "implicit")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[name] = DEQLayer(f, backward=bw, tol=1e-3, max_iter=30)(x).dtype
+    assert out == {"jfb": torch.bfloat16, "upg1": torch.bfloat16, "upg": torch.float32, "implicit": torch.bfloat16}
