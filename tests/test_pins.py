@@ -15,7 +15,7 @@ import torch
 
 from torch import nn
 
-from deq import JFB, NPG, UPG, DEQLayer, solve
+from deq import JFB, NPG, UPG, DEQLayer, Implicit, solve
 from deq.layer import _Call, select_rows
 from deq.reg import jacobian_reg, spectral_radius
 from deq.solvers import Anderson, Broyden, FixedPoint, NonFiniteError
@@ -294,3 +294,21 @@ def test_undamped_upg_returns_what_f_returns_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out[name] = DEQLayer(f, backward=bw, tol=1e-3, max_iter=30)(x).dtype
     assert out == {"jfb": torch.bfloat16, "upg1": torch.bfloat16, "upg": torch.float32, "implicit": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------
+# deq.grad.implicit
+
+
+def test_implicit_atol_reaches_the_backward_solve():
+    """atol = 1: the adjoint solve from g = 0 passes at once for an incoming gradient of norm < 1."""
+    w = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    w = nn.Parameter(w * (0.8 / torch.linalg.matrix_norm(w, ord=2)))
+    f = lambda z, x: torch.tanh(z @ w.T + x)  # noqa: E731
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for atol, n_iter in ((1.0, 1), (0.0, None)):
+        layer = DEQLayer(f, backward=Implicit(tol=1e-12, atol=atol, max_iter=100), tol=1e-12, max_iter=100)
+        (0.01 * layer(x)).sum().backward()
+        bwd = layer.last_result.backward
+        assert bwd.atol == atol and bool(bwd.converged.all())
+        assert bwd.n_iter == 1 if n_iter == 1 else bwd.n_iter > 5
