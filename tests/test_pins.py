@@ -312,3 +312,12 @@ def test_implicit_atol_reaches_the_backward_solve():
         bwd = layer.last_result.backward
         assert bwd.atol == atol and bool(bwd.converged.all())
         assert bwd.n_iter == 1 if n_iter == 1 else bwd.n_iter > 5
+
+
+@pytest.mark.parametrize("kwargs,match", [({"tol": 0.0}, "tol must be > 0"), ({"tol": -1e-6}, "tol must be > 0"),
+                                          ({"atol": -1.0}, "atol must be"),
+                                          ({"stop_mode": "abs", "atol": 1e-3}, "applies to stop_mode='rel'"),
+                                          ({"max_iter": 0}, "max_iter"), ({"stop_mode": "max"}, "stop_mode")])
+def test_implicit_budget_is_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Implicit(**kwargs)
