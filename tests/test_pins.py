@@ -321,3 +321,20 @@ def test_implicit_atol_reaches_the_backward_solve():
 def test_implicit_budget_is_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Implicit(**kwargs)
+
+
+@pytest.mark.parametrize("batch", [10, 12])
+def test_divergence_error_lists_at_most_ten_samples_and_counts_the_rest(batch):
+    """f(z) = 1.5 z + x: the forward converges (Anderson), every backward fixed-point solve diverges."""
+    from deq.grad import ConvergenceError
+
+    layer = DEQLayer(lambda z, x: 1.5 * z + x, backward=Implicit(solver="fixed_point", on_divergence="raise"),
+                     tol=1e-10, max_iter=50, on_nonconvergence="ignore")
+    x = torch.ones(batch, 2, dtype=F64, requires_grad=True)
+    with pytest.raises(ConvergenceError) as err:
+        layer(x).sum().backward()
+    listed = str(err.value).split("samples [")[1].split("]")[0]
+    if batch == 10:
+        assert listed == ", ".join(map(str, range(10)))
+    else:
+        assert listed == ", ".join(map(str, range(10))) + ", ... (12 in all)"
