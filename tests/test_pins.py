@@ -323,7 +323,7 @@ def test_implicit_budget_is_checked(kwargs, match):
         Implicit(**kwargs)
 
 
-@pytest.mark.parametrize("batch", [10, 12])
+@pytest.mark.parametrize("batch", [10, 11])
 def test_divergence_error_lists_at_most_ten_samples_and_counts_the_rest(batch):
     """f(z) = 1.5 z + x: the forward converges (Anderson), every backward fixed-point solve diverges."""
     from deq.grad import ConvergenceError
@@ -337,4 +337,4 @@ def test_divergence_error_lists_at_most_ten_samples_and_counts_the_rest(batch):
     if batch == 10:
         assert listed == ", ".join(map(str, range(10)))
     else:
-        assert listed == ", ".join(map(str, range(10))) + ", ... (12 in all)"
+        assert listed == ", ".join(map(str, range(10))) + ", ... (11 in all)"
