@@ -338,3 +338,14 @@ def test_divergence_error_lists_at_most_ten_samples_and_counts_the_rest(batch):
         assert listed == ", ".join(map(str, range(10)))
     else:
         assert listed == ", ".join(map(str, range(10))) + ", ... (11 in all)"
+
+
+def test_jacobian_reg_defaults_to_one_probe_and_takes_a_batch_of_one():
+    w = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    f = lambda z, x: torch.tanh(z @ w.T)  # noqa: E731
+    z = torch.randn(1, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    default = jacobian_reg(f, z, None, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(default, jacobian_reg(f, z, None, n_probes=1, generator=torch.Generator().manual_seed(2)))
+    eps = torch.randn(1, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    jac = (1 - torch.tanh(z @ w.T) ** 2)[0, :, None] * w  # J = diag(sech^2) W
+    torch.testing.assert_close(default, (eps @ jac).pow(2).sum() / 4, rtol=1e-14, atol=0)
