@@ -349,3 +349,27 @@ def test_jacobian_reg_defaults_to_one_probe_and_takes_a_batch_of_one():
     eps = torch.randn(1, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
     jac = (1 - torch.tanh(z @ w.T) ** 2)[0, :, None] * w  # J = diag(sech^2) W
     torch.testing.assert_close(default, (eps @ jac).pow(2).sum() / 4, rtol=1e-14, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# Solver options: the boundaries of what the constructors accept
+
+
+@pytest.mark.parametrize("build", [lambda: Anderson(m=1), lambda: Anderson(lam=0.0), lambda: Anderson(beta=1e-9),
+                                   lambda: Broyden(memory=1), lambda: Broyden(max_ls_iter=1),
+                                   lambda: FixedPoint(damping=1.0), lambda: FixedPoint(damping=0.01)])
+def test_smallest_valid_solver_options_are_accepted_and_solve(build):
+    solver = build()
+    res = solve(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=F64), solver=solver, tol=1e-3, max_iter=10000)
+    assert res.converged.all()
+
+
+@pytest.mark.parametrize("build", [lambda: Anderson(m=0), lambda: Anderson(m=True), lambda: Anderson(m=2.0),
+                                   lambda: Anderson(lam=-1e-12), lambda: Anderson(beta=0.0),
+                                   lambda: Anderson(beta=-1.0), lambda: Broyden(memory=0),
+                                   lambda: Broyden(memory=True), lambda: Broyden(max_ls_iter=0),
+                                   lambda: Broyden(max_ls_iter=2.0), lambda: FixedPoint(damping=0.0),
+                                   lambda: FixedPoint(damping=1.0 + 1e-12)])
+def test_invalid_solver_options_are_value_errors(build):
+    with pytest.raises(ValueError, match="must be"):
+        build()
