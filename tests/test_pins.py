@@ -373,3 +373,37 @@ def test_smallest_valid_solver_options_are_accepted_and_solve(build):
 def test_invalid_solver_options_are_value_errors(build):
     with pytest.raises(ValueError, match="must be"):
         build()
+
+
+# ----------------------------------------------------------------------------
+# deq.grad.base: the adjoint of a tuple state whose loss ignores a part
+
+
+class _PairCell(nn.Module):
+    """z = (h, c): h' = tanh(0.5 h W^T + 0.3 c V^T + x), c' = 0.4 tanh(h U^T); a contraction."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.W, self.V, self.U = (nn.Parameter(torch.randn(*s, dtype=F64, generator=gen) / 2)
+                                  for s in ((3, 3), (3, 2), (2, 3)))
+
+    def forward(self, z, x):
+        h, c = z
+        return torch.tanh(0.5 * h @ self.W.T + 0.3 * c @ self.V.T + x), 0.4 * torch.tanh(h @ self.U.T)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg"])
+@pytest.mark.parametrize("used", [0, 1])
+def test_tuple_state_loss_on_one_part_only(backward, used):
+    """The part the loss ignores gets no incoming gradient (None): it counts as zero in the adjoint."""
+    cell = _PairCell()
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    z0 = (torch.zeros(2, 3, dtype=F64), torch.zeros(2, 2, dtype=F64))
+    bw = Implicit(tol=1e-13, max_iter=300) if backward == "implicit" else NPG(k=300, damping=1.0)
+    layer = DEQLayer(cell, backward=bw, tol=1e-13, max_iter=300)
+    got = torch.autograd.grad(layer(x, z0)[used].sin().sum(), (x, *cell.parameters()))
+    layer.unroll_steps = 200
+    want = torch.autograd.grad(layer(x, z0)[used].sin().sum(), (x, *cell.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
