@@ -407,3 +407,28 @@ def test_tuple_state_loss_on_one_part_only(backward, used):
     want = torch.autograd.grad(layer(x, z0)[used].sin().sum(), (x, *cell.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("failure", ["singular", "nan"])
+def test_anderson_with_a_failed_solve_takes_exactly_the_plain_mixing_step(failure, monkeypatch):
+    """gamma falls back to 0: every iterate is z + beta g, the damped fixed-point iterate."""
+    real = torch.linalg.solve_ex
+
+    def failing(A, B, *args, **kwargs):
+        x, info = real(A, B, *args, **kwargs)
+        if failure == "singular":
+            return x, torch.full_like(info, 2)
+        return torch.full_like(x, float("nan")), info
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 4, 4, dtype=F64, generator=gen)
+    w = w * (0.6 / torch.linalg.matrix_norm(w, ord=2))[:, None, None]
+    f = lambda z: torch.tanh((w @ z[:, :, None]).squeeze(2) + 1)  # noqa: E731
+    z0 = torch.zeros(2, 4, dtype=F64)
+    monkeypatch.setattr(torch.linalg, "solve_ex", failing)
+    seen = []
+    solve(lambda z: seen.append(z.clone()) or f(z), z0, solver=Anderson(m=3, beta=0.8), tol=1e-300, max_iter=6)
+    monkeypatch.undo()
+    plain = []
+    solve(lambda z: plain.append(z.clone()) or f(z), z0, solver=FixedPoint(damping=0.8), tol=1e-300, max_iter=6)
+    torch.testing.assert_close(torch.stack(seen), torch.stack(plain), rtol=0, atol=1e-15)
