@@ -432,3 +432,15 @@ def test_anderson_with_a_failed_solve_takes_exactly_the_plain_mixing_step(failur
     plain = []
     solve(lambda z: plain.append(z.clone()) or f(z), z0, solver=FixedPoint(damping=0.8), tol=1e-300, max_iter=6)
     torch.testing.assert_close(torch.stack(seen), torch.stack(plain), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("solver", [Anderson(), Anderson(m=2, beta=1.0), FixedPoint()])
+def test_undamped_first_step_is_f_of_z0_to_the_bit(solver):
+    """With beta (damping) 1 the first iterate is f(z0) itself, as the unrolled network computes it,
+    not z0 + (f(z0) - z0), which rounds differently."""
+    z0 = torch.randn(4, 7, dtype=torch.float32, generator=torch.Generator().manual_seed(0)) * 3
+    f = lambda z: torch.tanh(0.7 * z.roll(1, dims=1) + 0.1)  # noqa: E731
+    assert not torch.equal(z0 + (f(z0) - z0), f(z0))  # the two spellings do differ here
+    seen = []
+    solve(lambda z: seen.append(z.clone()) or f(z), z0, solver=solver, tol=1e-30, max_iter=2)
+    assert torch.equal(seen[1], f(z0))
