@@ -444,3 +444,17 @@ def test_undamped_first_step_is_f_of_z0_to_the_bit(solver):
     seen = []
     solve(lambda z: seen.append(z.clone()) or f(z), z0, solver=solver, tol=1e-30, max_iter=2)
     assert torch.equal(seen[1], f(z0))
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg"])
+def test_second_derivative_through_the_incoming_gradient_raises(backward):
+    """d/dv of the gradient for grad_outputs v (a double-backward through v, as in a Hessian-vector
+    product) also runs through the adjoint: it must raise, not return a silently wrong value."""
+    w = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    w = nn.Parameter(w * (0.5 / torch.linalg.matrix_norm(w, ord=2)))
+    layer = DEQLayer(lambda z, x: torch.tanh(z @ w.T + x), backward=backward, tol=1e-10, max_iter=100)
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    v = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x), x, v, create_graph=True)
+    with pytest.raises(RuntimeError, match="not differentiable again"):
+        torch.autograd.grad(gx.sum(), v)
