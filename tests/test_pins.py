@@ -458,3 +458,31 @@ def test_second_derivative_through_the_incoming_gradient_raises(backward):
     (gx,) = torch.autograd.grad(layer(x), x, v, create_graph=True)
     with pytest.raises(RuntimeError, match="not differentiable again"):
         torch.autograd.grad(gx.sum(), v)
+
+
+class _IgnoresC(nn.Module):
+    """z = (h, c): h' = tanh(h W^T + x), c' = 0.5 tanh(x U^T): no output depends on c (its VJP is None)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.W = nn.Parameter(0.4 * torch.randn(3, 3, dtype=F64, generator=gen))
+        self.U = nn.Parameter(torch.randn(2, 3, dtype=F64, generator=gen))
+
+    def forward(self, z, x):
+        return torch.tanh(z[0] @ self.W.T + x), 0.5 * torch.tanh(x @ self.U.T)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "npg"])
+def test_tuple_state_with_a_part_no_output_depends_on(backward):
+    cell = _IgnoresC()
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    z0 = (torch.zeros(2, 3, dtype=F64), torch.zeros(2, 2, dtype=F64))
+    bw = Implicit(tol=1e-13, max_iter=300) if backward == "implicit" else NPG(k=300, damping=1.0)
+    layer = DEQLayer(cell, backward=bw, tol=1e-13, max_iter=300)
+    loss = lambda z: z[0].sin().sum() + z[1].pow(2).sum()  # noqa: E731
+    got = torch.autograd.grad(loss(layer(x, z0)), (x, cell.W, cell.U))
+    layer.unroll_steps = 200
+    want = torch.autograd.grad(loss(layer(x, z0)), (x, cell.W, cell.U))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
