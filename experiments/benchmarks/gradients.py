@@ -53,6 +53,7 @@ import json
 import statistics
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -329,110 +330,144 @@ def _rows(unrolls: list[int]) -> list[tuple[str, object, int | None]]:
 DEQ_FORWARD = dict(solver=deq.Anderson(m=5), tol=1e-4, max_iter=60, on_nonconvergence="ignore")
 
 
-def cost(*, d_model: int, seq: int, batch: int, input_scale: float, unrolls: list[int], repeats: int,
-         device: torch.device, regime: str) -> dict:
-    _, _, meta = problems.transformer_block(d_model=d_model, seq=seq, batch=batch)
-    module = meta["module"].to(device).train()
-    x = (meta["x"] * input_scale).to(device).requires_grad_()
-    target = torch.randn(meta["x"].shape, generator=torch.Generator().manual_seed(7)).to(device)
-    params = list(module.parameters())
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    x_ptr = x.untyped_storage().data_ptr()
+@dataclass
+class _CostBench:
+    """The transformer block, its input and target, and how to build one layer per method."""
 
-    def make(backward, unroll, f=module, **over):
-        layer = DEQLayer(f, backward=backward, **{**DEQ_FORWARD, **over})
+    module: nn.Module
+    x: Tensor
+    target: Tensor
+    device: torch.device
+
+    @property
+    def params(self) -> list[Tensor]:
+        return list(self.module.parameters())
+
+    @property
+    def not_activations(self) -> set[int]:
+        """Storages of the parameters and of ``x``: saved by every method, excluded from the activation bytes."""
+        return {p.untyped_storage().data_ptr() for p in self.params} | {self.x.untyped_storage().data_ptr()}
+
+    def layer(self, backward, unroll, f=None, **over) -> DEQLayer:
+        layer = DEQLayer(self.module if f is None else f, backward=backward, **{**DEQ_FORWARD, **over})
         layer.unroll_steps = unroll
         return layer
 
-    def zero():
-        for p in params:
+    def zero_grad(self) -> None:
+        for p in self.params:
             p.grad = None
-        x.grad = None
+        self.x.grad = None
 
-    rows = _rows(unrolls)
-    layers = {name: make(bw, L) for name, bw, L in rows}
-    out = {name: dict(method=name, fwd_s=[], bwd_s=[], step_s=[]) for name, _, _ in rows}
+    def loss(self, z: Tensor) -> Tensor:
+        return (z - self.target).pow(2).mean()
 
-    # Timing: one warm-up step each, then `repeats` rounds with the methods interleaved.
+
+def _time_methods(bench: _CostBench, layers: dict[str, DEQLayer], out: dict[str, dict], repeats: int) -> None:
+    """Median forward, backward and step times: one warm-up step each, then rounds with the methods interleaved."""
     for rnd in range(repeats + 1):
         for name, layer in layers.items():
-            zero()
-            _sync(device)
+            bench.zero_grad()
+            _sync(bench.device)
             t0 = time.perf_counter()
-            z = layer(x)
-            loss = (z - target).pow(2).mean()
-            _sync(device)
+            loss = bench.loss(layer(bench.x))
+            _sync(bench.device)
             t1 = time.perf_counter()
             loss.backward()
-            _sync(device)
+            _sync(bench.device)
             t2 = time.perf_counter()
             if rnd > 0:
                 out[name]["fwd_s"].append(t1 - t0)
                 out[name]["bwd_s"].append(t2 - t1)
                 out[name]["step_s"].append(t2 - t0)
-            res = layer.last_result
-            out[name]["fwd_nstep_mean"] = float(res.nstep.double().mean())
-            out[name]["fwd_converged_frac"] = float(res.converged.double().mean())
-            if res.backward is not None:
-                out[name]["bwd_nstep_mean"] = float(res.backward.nstep.double().mean())
-                out[name]["bwd_converged_frac"] = float(res.backward.converged.double().mean())
-                out[name]["bwd_residual_max"] = float(res.backward.residual.max())
+            out[name].update(_solve_figures(layer.last_result))
     for r in out.values():
         for key in ("fwd_s", "bwd_s", "step_s"):
             r[key] = statistics.median(r[key])
 
-    # Counting: batched f-calls and VJPs through f, with a wrapper (untimed).
+
+def _solve_figures(res) -> dict:
+    figures = dict(fwd_nstep_mean=float(res.nstep.double().mean()),
+                   fwd_converged_frac=float(res.converged.double().mean()))
+    if res.backward is not None:
+        figures.update(bwd_nstep_mean=float(res.backward.nstep.double().mean()),
+                       bwd_converged_frac=float(res.backward.converged.double().mean()),
+                       bwd_residual_max=float(res.backward.residual.max()))
+    return figures
+
+
+def _count_calls(bench: _CostBench, rows, out: dict[str, dict]) -> None:
+    """Batched f-calls and VJPs through f, with a counting wrapper (untimed)."""
     for name, bw, L in rows:
-        counter = Counting(module)
-        zero()
-        layer = make(bw, L, f=counter)
-        (layer(x) - target).pow(2).mean().backward()
+        counter = Counting(bench.module)
+        bench.zero_grad()
+        bench.loss(bench.layer(bw, L, f=counter)(bench.x)).backward()
         out[name]["f_calls"] = counter.calls
         out[name]["vjps"] = counter.vjps
 
-    # Memory (untimed): saved bytes of the forward; the step's peaks.
-    for name, bw, L in rows:
-        layer = layers[name]
-        zero()
-        with SavedTensors() as saved, LiveTensorPeak() as live:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            z = layer(x)
-            saved_total = saved.total()
-            (z - target).pow(2).mean().backward()
-            del z
-        out[name]["saved_bytes"] = saved_total
-        out[name]["saved_bytes_no_params"] = saved.total(exclude=param_ptrs | {x_ptr})
-        out[name]["peak_saved_bytes"] = saved.peak
-        out[name]["peak_live_bytes"] = live.peak
-        if device.type == "cuda":
-            out[name]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
-        if L is None:  # constant in max_iter: run every iteration (an unreachable tol)
-            by_iter = {}
-            for max_iter in (10, 100):
-                probe = make(bw, None, tol=1e-30 if x.dtype == torch.float64 else 1e-20, max_iter=max_iter)
-                zero()
-                with SavedTensors() as s:
-                    z = probe(x)
-                by_iter[max_iter] = dict(saved_bytes=s.total(), n_iter=probe.last_result.n_iter)
-                del z
-            out[name]["saved_bytes_by_max_iter"] = by_iter
 
-    # One plain call of f with grad, at z*: the unit "one f graph".
-    z_star = layers["Implicit"].last_result.z.detach().clone().requires_grad_()
-    rho_j = spectral_radius(module, z_star, x.detach(), n_iter=50,
-                            generator=torch.Generator(device=device).manual_seed(0))
-    zero()
+def _measure_memory(bench: _CostBench, rows, layers: dict[str, DEQLayer], out: dict[str, dict]) -> None:
+    """Saved bytes of the forward and the step's peaks (untimed); for DEQs also against ``max_iter``."""
+    cuda = bench.device.type == "cuda"
+    for name, bw, L in rows:
+        bench.zero_grad()
+        with SavedTensors() as saved, LiveTensorPeak() as live:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(bench.device)
+                base = torch.cuda.memory_allocated(bench.device)
+            z = layers[name](bench.x)
+            saved_total = saved.total()
+            bench.loss(z).backward()
+            del z
+        out[name].update(saved_bytes=saved_total, saved_bytes_no_params=saved.total(exclude=bench.not_activations),
+                         peak_saved_bytes=saved.peak, peak_live_bytes=live.peak)
+        if cuda:
+            out[name]["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(bench.device) - base
+        if L is None:
+            out[name]["saved_bytes_by_max_iter"] = _saved_by_max_iter(bench, bw)
+
+
+def _saved_by_max_iter(bench: _CostBench, backward) -> dict[int, dict]:
+    """Saved bytes with every iteration run (an unreachable tol) at two budgets: constant in ``max_iter``."""
+    by_iter = {}
+    for max_iter in (10, 100):
+        probe = bench.layer(backward, None, tol=1e-30 if bench.x.dtype == torch.float64 else 1e-20, max_iter=max_iter)
+        bench.zero_grad()
+        with SavedTensors() as s:
+            z = probe(bench.x)
+        by_iter[max_iter] = dict(saved_bytes=s.total(), n_iter=probe.last_result.n_iter)
+        del z
+    return by_iter
+
+
+def _one_f_graph(bench: _CostBench, z_star: Tensor) -> dict:
+    """One plain call of f with grad, at z*: the unit "one f graph"."""
+    bench.zero_grad()
     with SavedTensors() as one, LiveTensorPeak() as one_live:
-        fz = module(z_star, x)
+        fz = bench.module(z_star, bench.x)
         one_graph_live = one_live.current  # the graph's tensors plus f(z*), all alive here
     del fz
-    one_graph = dict(saved_bytes=one.total(), saved_bytes_no_params=one.total(exclude=param_ptrs | {x_ptr}),
-                     live_bytes=one_graph_live)
+    return dict(saved_bytes=one.total(), saved_bytes_no_params=one.total(exclude=bench.not_activations),
+                live_bytes=one_graph_live)
 
-    ref = out["Implicit"]
-    l12 = out.get("explicit L=12")
+
+def cost(*, d_model: int, seq: int, batch: int, input_scale: float, unrolls: list[int], repeats: int,
+         device: torch.device, regime: str) -> dict:
+    _, _, meta = problems.transformer_block(d_model=d_model, seq=seq, batch=batch)
+    target = torch.randn(meta["x"].shape, generator=torch.Generator().manual_seed(7)).to(device)
+    bench = _CostBench(meta["module"].to(device).train(), (meta["x"] * input_scale).to(device).requires_grad_(),
+                       target, device)
+    rows = _rows(unrolls)
+    layers = {name: bench.layer(bw, L) for name, bw, L in rows}
+    out = {name: dict(method=name, fwd_s=[], bwd_s=[], step_s=[]) for name, _, _ in rows}
+    _time_methods(bench, layers, out, repeats)
+    _count_calls(bench, rows, out)
+    _measure_memory(bench, rows, layers, out)
+
+    z_star = layers["Implicit"].last_result.z.detach().clone().requires_grad_()
+    rho_j = spectral_radius(bench.module, z_star, bench.x.detach(), n_iter=50,
+                            generator=torch.Generator(device=device).manual_seed(0))
+    one_graph = _one_f_graph(bench, z_star)
+    ref, l12 = out["Implicit"], out.get("explicit L=12")
     for r in out.values():
         r["bwd_vs_implicit"] = r["bwd_s"] / ref["bwd_s"]
         r["step_vs_implicit"] = r["step_s"] / ref["step_s"]

@@ -187,63 +187,19 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
     vocab = spec["kw"].get("n_token", spec["kw"].get("ntoken"))
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, vocab, (2 * spec["batch"], spec["seq"] + 1), generator=gen).to(device)
-    inp, tgt = tokens[:spec["batch"], :-1], tokens[:spec["batch"], 1:]
+    single = (tokens[:spec["batch"], :-1], tokens[:spec["batch"], 1:])
+    double = (tokens[:, :-1], tokens[:, 1:])
     # One warm segment so memory (transformer) / history (trellisnet) is present, as in training.
     with torch.no_grad():
-        mems = model(inp, tgt).mems
-        mems2 = model(tokens[:, :-1], tokens[:, 1:]).mems
+        single += (model(*single).mems,)
+        double += (model(*double).mems,)
 
     out = []
     for label, bw, unroll in _rows(quick):
-        model.deq.unroll_steps = unroll
+        model.set_unroll_steps(unroll)
         if bw is not None:
             model.deq.backward = bw
-        model.train()
-
-        def train_step():
-            model.zero_grad(set_to_none=True)
-            model(inp, tgt, mems=mems).loss.backward()
-
-        if repeats:
-            train_step()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        meter = SavedBytes(model.parameters(), model.deq)
-        model.zero_grad(set_to_none=True)
-        with meter:
-            loss = model(inp, tgt, mems=mems).loss
-        loss.backward()
-        res = model.deq.last_result
-        # Saved bytes that grow with the batch (activations), without the
-        # batch-independent ones (weights, weight-norm outputs, positions):
-        # the same step at batch 2B minus batch B.
-        meter2 = SavedBytes(model.parameters(), model.deq)
-        with meter2:
-            loss2 = model(tokens[:, :-1], tokens[:, 1:], mems=mems2).loss
-        loss2.backward()
-        model.zero_grad(set_to_none=True)
-        peak_cuda = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
-        model.eval()
-
-        def eval_step():
-            with torch.no_grad():
-                model(inp, tgt, mems=mems)
-
-        t_train = t_eval = float("nan")
-        if repeats:
-            model.train()
-            t_train = _median_time(train_step, repeats, device)
-            model.eval()
-            eval_step()
-            t_eval = _median_time(eval_step, repeats, device)
-        out.append(dict(family=name, method=label, saved_bytes=meter.total, layer_bytes=meter.in_layer,
-                        layer_act_bytes=meter2.in_layer - meter.in_layer,
-                        cuda_peak_bytes=peak_cuda,
-                        train_s=t_train, eval_s=t_eval,
-                        fwd_nstep=float(res.nstep.double().mean()) if unroll is None else float(unroll),
-                        bwd_nstep=(float(res.backward.nstep.double().mean())
-                                   if unroll is None and res.backward is not None else None)))
+        out.append(dict(family=name, method=label, **_measure_method(model, single, double, device, repeats)))
     ref = next(r for r in out if r["method"] == "explicit L=12")
     for r in out:
         r["mem_vs_L12"] = r["saved_bytes"] / ref["saved_bytes"]
@@ -252,6 +208,56 @@ def measure_family(name: str, spec: dict, *, device: torch.device, repeats: int,
         r["train_time_vs_L12"] = r["train_s"] / ref["train_s"]
         r["eval_time_vs_L12"] = r["eval_s"] / ref["eval_s"]
     return out
+
+
+def _measure_method(model: torch.nn.Module, single: tuple, double: tuple, device: torch.device, repeats: int) -> dict:
+    """Saved bytes, CUDA peak and step times of one method; ``single``/``double``: (inp, tgt, mems) at B and 2B."""
+    unroll = model.deq.unroll_steps
+    model.train()
+    if repeats:
+        _train_step(model, single)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    meter = SavedBytes(model.parameters(), model.deq)
+    model.zero_grad(set_to_none=True)
+    with meter:
+        loss = model(single[0], single[1], mems=single[2]).loss
+    loss.backward()
+    res = model.deq.last_result
+    # Saved bytes that grow with the batch (activations), without the
+    # batch-independent ones (weights, weight-norm outputs, positions):
+    # the same step at batch 2B minus batch B.
+    meter2 = SavedBytes(model.parameters(), model.deq)
+    with meter2:
+        loss2 = model(double[0], double[1], mems=double[2]).loss
+    loss2.backward()
+    model.zero_grad(set_to_none=True)
+    peak_cuda = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else None
+
+    t_train = t_eval = float("nan")
+    if repeats:
+        model.train()
+        t_train = _median_time(functools.partial(_train_step, model, single), repeats, device)
+        model.eval()
+        _eval_step(model, single)
+        t_eval = _median_time(functools.partial(_eval_step, model, single), repeats, device)
+    model.eval()
+    return dict(saved_bytes=meter.total, layer_bytes=meter.in_layer, layer_act_bytes=meter2.in_layer - meter.in_layer,
+                cuda_peak_bytes=peak_cuda, train_s=t_train, eval_s=t_eval,
+                fwd_nstep=float(res.nstep.double().mean()) if unroll is None else float(unroll),
+                bwd_nstep=(float(res.backward.nstep.double().mean())
+                           if unroll is None and res.backward is not None else None))
+
+
+def _train_step(model: torch.nn.Module, batch: tuple) -> None:
+    model.zero_grad(set_to_none=True)
+    model(batch[0], batch[1], mems=batch[2]).loss.backward()
+
+
+def _eval_step(model: torch.nn.Module, batch: tuple) -> None:
+    with torch.no_grad():
+        model(batch[0], batch[1], mems=batch[2])
 
 
 def print_table(rows: list[dict]) -> None:
