@@ -342,3 +342,69 @@ def test_broyden_line_search_iterates_match_a_reference(memory, max_ls_iter):
     assert backtracks > 0
     got = _iterates(Broyden(memory=memory, line_search=True, max_ls_iter=max_ls_iter), f, z0, n)
     _assert_same_iterates(got, want)
+
+
+# ----------------------------------------------------------------------------
+# Causal Broyden (time_dim): the second method with prefix inner products
+
+
+def _causal_problem(batch=2, length=5, chan=3, seed=3):
+    """``f(z)_t = tanh(W z_t + c z_{t-1} + x_t)``: couples each position to the previous one."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(chan, chan, generator=gen, dtype=F64)
+    W = w * (0.5 / torch.linalg.matrix_norm(w, ord=2))
+    x = torch.randn(batch, length, chan, generator=gen, dtype=F64)
+
+    def f(z):
+        prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
+        return torch.tanh(z @ W.T + 0.4 * prev + x)
+
+    return f, torch.zeros(batch, length, chan, dtype=F64)
+
+
+def causal_broyden_reference(f, z0, *, memory, n):
+    """Broyden's second method on ``(B, T, C)`` states with ``<a, b>_t = sum_{s <= t} a_s . b_s``:
+    ``(H v)_t = -v_t + sum_i u_{i,t} <y_i, v>_t``, the secant term ``u = (s - H y) / <y, y>``,
+    the step ``z <- z - H' g``, and a restart from ``H = -I`` when the memory is full."""
+    def ip(a, b):
+        return (a * b).sum(dim=2).cumsum(dim=1)[:, :, None]
+
+    def apply_h(terms, v):
+        return -v + sum((u * ip(y, v) for u, y in terms), torch.zeros_like(v))
+
+    z, terms = z0, []
+    g = f(z) - z
+    zs = [z]
+    for k in range(n - 1):
+        if k == 0:
+            step = g
+        else:
+            if (k - 1) % memory == 0:
+                terms = []
+            s, y = zs[-1] - zs[-2], g - g_prev
+            terms.append(((s - apply_h(terms, y)) / ip(y, y), y))
+            step = -apply_h(terms, g)
+        g_prev, z = g, z + step
+        g = f(z) - z
+        zs.append(z)
+    return torch.stack(zs)
+
+
+@pytest.mark.parametrize("memory", [2, 3, 20])
+def test_causal_broyden_iterates_match_a_dense_reference(memory):
+    f, z0 = _causal_problem()
+    rec = Recorder(f)
+    res = solve(rec, z0, solver=Broyden(memory=memory), tol=1e-300, max_iter=8, time_dim=1)
+    assert not res.converged.any() and len(rec.inputs) == 8
+    want = causal_broyden_reference(f, z0, memory=memory, n=8)
+    _assert_same_iterates(torch.stack(rec.inputs), want)
+    torch.testing.assert_close(res.z, want[-1], rtol=0, atol=1e-12)  # causal mode returns the last iterate
+
+
+def test_causal_broyden_reference_differs_from_the_plain_broyden():
+    """Not a vacuous reference: the plain Broyden on the flattened sequence takes other iterates."""
+    f, z0 = _causal_problem()
+    want = causal_broyden_reference(f, z0, memory=20, n=6)
+    got = _iterates(Broyden(memory=20), lambda z: f(z.view(z0.shape)).flatten(1),
+                    z0.flatten(1), 6).view(6, *z0.shape)
+    assert (got - want).abs().max() > 1e-6
