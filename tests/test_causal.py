@@ -161,6 +161,12 @@ def test_invalid_causal_settings():
         solve(torch.cos, z0, time_dim=3)
     with pytest.raises(ValueError, match="same time axis and length"):
         solve(lambda z: z, (torch.zeros(2, 4, 3), torch.zeros(2, 5, 3)), time_dim=1)
+    for beyond in (4, 5, -4):  # past the last dim: not wrapped around to a valid one
+        with pytest.raises(ValueError, match=f"time_dim={beyond}"):
+            solve(torch.cos, z0, time_dim=beyond)
+    for not_int in (1.0, True, "1"):
+        with pytest.raises(ValueError, match="time_dim must be an integer"):
+            solve(torch.cos, z0, time_dim=not_int)
 
     class RowBlind(Solver):
         name = "row_blind"
@@ -268,3 +274,32 @@ def test_compact_in_causal_mode_equals_the_full_batch(solver):
         torch.testing.assert_close(res.trace, full.trace, rtol=1e-9, atol=1e-15)
         assert res.rows <= full.rows
     assert solve(rowwise, z0, solver=solver, tol=1e-10, max_iter=80, time_dim=1, compact=1.0).rows < full.rows
+
+
+def test_a_single_position_is_the_plain_solve():
+    z0 = torch.zeros(3, 1, 4, dtype=DT)
+    x = torch.linspace(-1, 1, 12, dtype=DT).view(3, 1, 4)
+    f = lambda z: torch.tanh(0.6 * z.flip(2) + x)  # noqa: E731
+    causal = solve(f, z0, solver="anderson", tol=1e-10, max_iter=40, time_dim=1)
+    plain = solve(f, z0, solver="anderson", tol=1e-10, max_iter=40)
+    assert causal.converged.all() and causal.z.shape == z0.shape
+    torch.testing.assert_close(causal.z, plain.z, rtol=0, atol=1e-9)
+
+
+def test_causal_tuple_state_keeps_each_parts_dtype_and_is_contiguous():
+    """Time last (a non-trivial move of the time axis) and parts of two dtypes: each part comes back
+    in its own dtype, contiguous, equal to the plain solve's."""
+    h0, c0 = torch.zeros(2, 3, 5, dtype=torch.float32), torch.zeros(2, 3, 5, dtype=DT)
+    x = torch.linspace(-1, 1, 30, dtype=DT).view(2, 3, 5)
+
+    def f(z):
+        h, c = z
+        c_new = 0.5 * torch.tanh(c + x) + 0.2 * torch.nn.functional.pad(h.to(DT), (1, 0))[..., :-1]
+        return torch.tanh(c_new).to(torch.float32), c_new
+
+    causal = solve(f, (h0, c0), solver="anderson", tol=1e-9, max_iter=60, time_dim=2)
+    plain = solve(f, (h0, c0), solver="anderson", tol=1e-9, max_iter=60)
+    assert causal.converged.all()
+    for got, want, like in zip(causal.z, plain.z, (h0, c0)):
+        assert got.dtype == like.dtype and got.shape == like.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -145,7 +145,7 @@ def _unflatten(flat: Tensor, spec: _Spec) -> State:
 
 def _unflatten_causal(pieces: Sequence[Tensor], spec: _Spec) -> State:
     samples, parts = spec.samples(pieces[0].shape[0]), []
-    for piece, shape, dtype in zip(pieces, spec.shapes_for(spec.samples(pieces[0].shape[0])), spec.dtypes):
+    for piece, shape, dtype in zip(pieces, spec.shapes_for(samples), spec.dtypes):
         rest = [n for d, n in enumerate(shape) if d not in (0, spec.time_dim)]
         part = piece.reshape(samples, spec.length, *rest).movedim(1, spec.time_dim)
         part = part.to(dtype, memory_format=torch.contiguous_format) if part.dtype != dtype else part.contiguous()
