@@ -344,6 +344,28 @@ def test_broyden_line_search_iterates_match_a_reference(memory, max_ls_iter):
     _assert_same_iterates(got, want)
 
 
+def _armijo_edge(c=1e-4):
+    """``g(z) = s_b R(theta_b) z`` in 2-D (``f(z) = z + g(z)``): the trial ``z0 + alpha g0`` has
+    ``||g|| / ||g0|| = sqrt(1 + 2 alpha s cos(theta) + alpha^2 s^2)``, placed at the Armijo threshold's
+    edges. Sample 0: the full step keeps ``||g||`` exactly (ratio 1, inside ``(1 - c, 1 + c)``: rejected),
+    and the half step is accepted. Sample 1: the full step is rejected, and the half step's ratio is
+    ``1 - 1.25 c``, between ``1 - 2c`` and ``1 - c/2``: accepted by ``1 - c alpha`` only."""
+    s = torch.tensor([0.5, 0.5], dtype=F64)
+    cos = torch.stack([-s[0] / 2, ((1 - 1.25 * c) ** 2 - 1 - s[1] ** 2 / 4) / s[1]])
+    sin = (1 - cos ** 2).sqrt()
+    A = s[:, None, None] * torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    return lambda z: z + (A @ z[:, :, None]).squeeze(2), torch.tensor([[1.0, 0.0], [0.6, -0.8]], dtype=F64)
+
+
+def test_broyden_line_search_threshold_is_one_minus_c_alpha():
+    f, z0 = _armijo_edge()
+    n = 6
+    want, backtracks = broyden_line_search_reference(f, z0, memory=20, max_ls_iter=5, n=n)
+    g0 = f(z0) - z0
+    torch.testing.assert_close(want[2], z0 + 0.5 * g0, rtol=0, atol=1e-15)  # both full steps rejected
+    _assert_same_iterates(_iterates(Broyden(memory=20, line_search=True), f, z0, n), want)
+
+
 # ----------------------------------------------------------------------------
 # Causal Broyden (time_dim): the second method with prefix inner products
 
