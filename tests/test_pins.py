@@ -261,7 +261,7 @@ def test_phantom_options_are_checked(build):
         build()
 
 
-def test_upg_attach_passes_x_to_f():
+def test_attach_passes_x_to_f():
     """attach(f, z*, x) calls f(z, x) with the x it is given (the layer's f is bound; a user's is not)."""
     seen = []
 
@@ -278,6 +278,12 @@ def test_upg_attach_passes_x_to_f():
         for _ in range(bw.k):
             want = bw.damping * (0.5 * want + x) + (1 - bw.damping) * want
         torch.testing.assert_close(z, want, rtol=0, atol=1e-15)
+    z_star = torch.full((2, 3), 0.25, dtype=F64)
+    for bw in (Implicit(), NPG(k=2, damping=0.7)):  # one call of f at z*, with the x given
+        seen.clear()
+        z = bw.attach(f, z_star, x.clone().requires_grad_())
+        assert len(seen) == 1 and seen[0] is not None and torch.equal(seen[0], x)
+        torch.testing.assert_close(z, 0.5 * z_star + x, rtol=0, atol=0)
 
 
 def test_undamped_upg_returns_what_f_returns_under_autocast():
@@ -486,3 +492,28 @@ def test_tuple_state_with_a_part_no_output_depends_on(backward):
     want = torch.autograd.grad(loss(layer(x, z0)), (x, cell.W, cell.U))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", [Implicit(), NPG(k=3, damping=0.7)])
+def test_an_f_returning_a_leaf_is_attached_only_when_that_leaf_is_not_z(backward):
+    """The needs-grad walk on outputs without a graph: f returning a parameter itself must pass its
+    gradient on; f returning z itself, or an x that needs none, has nothing to differentiate."""
+    class Const(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.arange(6, dtype=F64).view(2, 3))
+
+        def forward(self, z, x):
+            return self.p
+
+    cell, w = Const(), torch.linspace(-1, 1, 6, dtype=F64).view(2, 3)
+    layer = DEQLayer(cell, backward=backward, tol=1e-10, max_iter=5)
+    (layer(torch.zeros(2, 3, dtype=F64)) * w).sum().backward()
+    # z* = p and J_z = 0: dL/dp = dL/dz* exactly; NPG's damped series sums lambda (1 - lambda)^i, i < k.
+    scale = 1.0 if isinstance(backward, Implicit) else 1 - (1 - backward.damping) ** backward.k
+    torch.testing.assert_close(cell.p.grad, scale * w, rtol=0, atol=1e-12)
+
+    x = torch.ones(2, 3, dtype=F64)
+    for f in (lambda z, x: z, lambda z, x: x):
+        z = DEQLayer(f, backward=backward, tol=1e-10, max_iter=5)(x)
+        assert not z.requires_grad
