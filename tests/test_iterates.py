@@ -366,6 +366,54 @@ def test_broyden_line_search_threshold_is_one_minus_c_alpha():
     _assert_same_iterates(_iterates(Broyden(memory=20, line_search=True), f, z0, n), want)
 
 
+def _broyden_dense(A, z0, n, restart_on_degenerate=True):
+    """Iterates of Broyden's good method on ``g(z) = A z`` (one sample), with the docstring's rule:
+    an update with ``|s^T H y| <= sqrt(eps) |s| |H y|`` restarts the sample from ``H = -I``. Also returns
+    ``s^T H y / (|s| |H y|)`` of each update."""
+    eye = torch.eye(len(z0), dtype=F64)
+    H, z, zs, cosines = -eye, z0, [z0], []
+    g = A @ z
+    for k in range(n - 1):
+        if k > 0:
+            s, y = zs[-1] - zs[-2], g - g_prev
+            Hy = H @ y
+            cosines.append(float(s @ Hy / (s.norm() * Hy.norm())))
+            if restart_on_degenerate and abs(s @ Hy) <= math.sqrt(torch.finfo(F64).eps) * s.norm() * Hy.norm():
+                H = -eye
+            else:
+                H = H + torch.outer(s - Hy, s @ H) / (s @ Hy)
+        g_prev, z = g, z - H @ g
+        g = A @ z
+        zs.append(z)
+    return torch.stack(zs), cosines
+
+
+def test_a_degenerate_broyden_update_restarts_that_sample_from_minus_identity():
+    """Sample 0's second update is degenerate (s^T H y = 0, found by bisection on the start's angle):
+    it restarts from H = -I, its first term dropped; sample 1 updates normally throughout."""
+    A = torch.tensor([[-0.3, 0.9], [0.6, -1.2]], dtype=F64)
+
+    def start(phi):
+        return torch.stack([torch.cos(phi), torch.sin(phi)])
+
+    def second_cosine(phi):
+        return _broyden_dense(A, start(phi), 4, restart_on_degenerate=False)[1][1]
+
+    lo, hi = torch.tensor(26 * math.pi / 256, dtype=F64), torch.tensor(27 * math.pi / 256, dtype=F64)
+    assert 0 < second_cosine(lo) < 0.1 and -0.1 < second_cosine(hi) < 0  # a zero, not a pole, in between
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if second_cosine(lo) * second_cosine(mid) > 0 else (lo, mid)
+    z0 = torch.stack([start(lo), torch.tensor([1.0, -0.3], dtype=F64)])
+    n = 6
+    want = torch.stack([_broyden_dense(A, z0[b], n)[0] for b in range(2)], dim=1)
+    cosines = [_broyden_dense(A, z0[b], n)[1] for b in range(2)]
+    assert abs(cosines[0][1]) < 1e-12 and min(abs(c) for c in cosines[1]) > 1e-3
+    assert (want - torch.stack([_broyden_dense(A, z0[b], n, False)[0] for b in range(2)], 1)).abs().max() > 1e-3
+    got = _iterates(Broyden(memory=20), lambda z: z + z @ A.T, z0, n)
+    _assert_same_iterates(got, want)
+
+
 # ----------------------------------------------------------------------------
 # Causal Broyden (time_dim): the second method with prefix inner products
 
