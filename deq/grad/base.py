@@ -187,15 +187,15 @@ class _AdjointFn(torch.autograd.Function):
             # Anchored to f(z*) (whose graph reaches theta and x) and to any
             # incoming gradient with a graph, so every second-order path that
             # runs through the adjoint meets the raising node.
-            anchors = (*ctx.saved_tensors[:ctx.n], *(g for g in grads if g is not None and g.requires_grad))
+            anchors = (*ctx.saved_tensors[:ctx.n], *(g for g in grads if g.requires_grad))
             adj = tuple(_FirstOrderOnly.apply(a, *anchors) for a in adj)
         return (None, None, None, None, *adj, *(None,) * (len(ctx.saved_tensors) - ctx.n))
 
     @staticmethod
     def _adjoint(ctx, grads):
         saved = ctx.saved_tensors
+        # An output the loss does not use arrives as zeros (autograd materialises them), never None.
         fz, z_in = saved[:ctx.n], saved[ctx.n:]
-        grads = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, fz))
         spec = _spec_of(grads if len(grads) > 1 else grads[0])
         z_spec = _spec_of(z_in if len(z_in) > 1 else z_in[0])
 
