@@ -29,7 +29,9 @@ Five sections, each printed as a table, all written to ``gpu_check.json`` in ``-
 A row that fails (out of memory at every batch, or an op that does not yet run
 under autocast) is reported with its error and the run goes on.
 
-Run on one H100/H200 (about 3-5 minutes, nothing downloaded, no hydra)::
+Run on one H100/H200 (about 3-5 minutes, nothing downloaded, no hydra), from the
+repository root with the project installed (``pip install --no-deps -e .`` is enough)
+or with ``python -m experiments.benchmarks.gpu_check`` in place of the path::
 
     python experiments/benchmarks/gpu_check.py --device cuda --out bench_out
 
@@ -46,7 +48,6 @@ import functools
 import gc
 import json
 import math
-import sys
 import time
 import traceback
 import warnings
@@ -55,11 +56,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import memory  # noqa: E402  (the memory protocol, next to this file)
-
-import deq  # noqa: E402
-from deq.models.transformer import TRANSFORMER_PRESETS, DEQTransformerLM  # noqa: E402
+import deq
+from deq.models.transformer import TRANSFORMER_PRESETS, DEQTransformerLM
+from experiments.benchmarks import memory  # the memory protocol
 
 GiB = 2 ** 30
 PAPER_TIME_RATIO = 2.82  # Bai et al. 2019: DEQ-Transformer (medium) / 18-layer Transformer-XL training time
