@@ -517,3 +517,84 @@ def test_an_f_returning_a_leaf_is_attached_only_when_that_leaf_is_not_z(backward
     for f in (lambda z, x: z, lambda z, x: x):
         z = DEQLayer(f, backward=backward, tol=1e-10, max_iter=5)(x)
         assert not z.requires_grad
+
+
+# ----------------------------------------------------------------------------
+# State structure and layout: the checks of f's output, z0's type, memory formats.
+
+
+def test_f_returning_the_wrong_structure_is_named():
+    z2 = (torch.zeros(2, 3, dtype=F64), torch.zeros(2, 4, dtype=F64))
+    with pytest.raises(ValueError, match="f must return a tuple of 2 tensors .* got tuple of length 3"):
+        solve(lambda z: (*z, z[0]), z2, max_iter=3)  # the first two parts are right
+    with pytest.raises(ValueError, match="f must return a tuple of 1 tensors .* got Tensor"):
+        solve(lambda z: z[0], (torch.zeros(2, 3, dtype=F64),), max_iter=3)
+    with pytest.raises(ValueError, match="f must return a tensor like z0 .* got tuple of length 1"):
+        solve(lambda z: (z,), torch.zeros(2, 3, dtype=F64), max_iter=3)
+    with pytest.raises(ValueError, match="but z0 has shape"):
+        solve(lambda z: z[:, :2], torch.zeros(2, 3, dtype=F64), max_iter=3)
+    with pytest.raises(ValueError, match="but the rows of z it was given have shape"):
+        # compact: sample 0 converges at once; f then gets sample 1's row alone and returns two rows
+        solve(lambda z, rows: torch.tensor([[0.0] * 3, [1.0] * 3], dtype=F64), torch.zeros(2, 3, dtype=F64),
+              max_iter=5, compact=True)
+
+
+def test_z0_of_the_wrong_type_is_refused():
+    for z0 in ((torch.zeros(2, 3), 5.0), (), [torch.zeros(2, 3)]):
+        with pytest.raises(TypeError, match="z0 must be a tensor or a non-empty tuple of tensors"):
+            solve(lambda z: z, z0, max_iter=3)
+
+
+def test_strided_states_solve_as_their_contiguous_copies():
+    """A transposed 2-D z0 and a 4-D z0 that is neither contiguous nor channels_last: the same result as
+    the contiguous copy (the 4-D one returned contiguous: only channels-last layouts are kept); a
+    channels_last_3d z0 stays channels_last_3d."""
+    def f(z):
+        return torch.tanh(0.5 * z.flip(1) + 0.3)
+
+    for z0 in (torch.zeros(4, 2, dtype=F64).t(), torch.zeros(2, 5, 4, 3, dtype=F64).transpose(2, 3)):
+        assert not z0.is_contiguous() and not z0.is_contiguous(memory_format=torch.channels_last)
+        res = solve(f, z0, tol=1e-10, max_iter=60)
+        want = solve(f, z0.contiguous(), tol=1e-10, max_iter=60)
+        assert res.z.is_contiguous() or z0.dim() == 2
+        torch.testing.assert_close(res.z, want.z, rtol=0, atol=0)
+
+    seen = []
+
+    def f3(z):
+        seen.append(z.is_contiguous(memory_format=torch.channels_last_3d))
+        return f(z)
+
+    z0 = torch.zeros(2, 3, 4, 2, 5, dtype=F64).to(memory_format=torch.channels_last_3d)
+    res = solve(f3, z0, tol=1e-10, max_iter=60)
+    assert all(seen) and res.z.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_causal_solve_under_autocast_keeps_the_float32_state():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    with torch.no_grad():
+        lin.weight.mul_(0.5)
+    x = torch.randn(2, 6, 4)
+
+    def f(z):
+        prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
+        return torch.tanh(lin(z) + 0.3 * prev + x)  # bfloat16 under autocast
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = solve(f, torch.zeros(2, 6, 4), solver="anderson", tol=1e-2, max_iter=30, time_dim=1)
+    assert res.z.dtype == torch.float32 and torch.isfinite(res.z).all() and res.converged.all()
+
+
+def test_causal_bfloat16_state_is_iterated_in_float32_like_the_plain_one():
+    """A bf16 z0 is iterated in float32 (the working dtype) in causal mode too: with one position the
+    causal solve is the plain one, bit for bit (a damped step in bf16 arithmetic rounds differently)."""
+    x = torch.linspace(-2, 2, 12).view(3, 1, 4)
+
+    def f(z):
+        return torch.tanh(0.6 * z.float().flip(2) + x).to(torch.bfloat16)
+
+    z0 = torch.zeros(3, 1, 4, dtype=torch.bfloat16)
+    kw = dict(solver=FixedPoint(damping=0.7), tol=1e-30, max_iter=7)
+    causal, plain = solve(f, z0, time_dim=1, **kw), solve(f, z0, **kw)
+    assert causal.z.dtype == torch.bfloat16 and torch.equal(causal.z, plain.z)
