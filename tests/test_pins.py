@@ -598,3 +598,14 @@ def test_causal_bfloat16_state_is_iterated_in_float32_like_the_plain_one():
     kw = dict(solver=FixedPoint(damping=0.7), tol=1e-30, max_iter=7)
     causal, plain = solve(f, z0, time_dim=1, **kw), solve(f, z0, **kw)
     assert causal.z.dtype == torch.bfloat16 and torch.equal(causal.z, plain.z)
+
+
+def test_a_scalar_z0_is_refused_and_a_vector_is_a_batch_of_scalars():
+    with pytest.raises(ValueError, match="needs the same leading batch dimension"):
+        solve(torch.cos, torch.tensor(0.5, dtype=F64), max_iter=5)
+    with pytest.raises(ValueError, match="needs the same leading batch dimension"):
+        solve(lambda z: z, (torch.zeros(2, dtype=F64), torch.tensor(0.0, dtype=F64)), max_iter=5)
+    vec = solve(torch.cos, torch.zeros(3, dtype=F64), tol=1e-12, max_iter=100)
+    col = solve(torch.cos, torch.zeros(3, 1, dtype=F64), tol=1e-12, max_iter=100)
+    assert vec.z.shape == (3,) and vec.converged.all()
+    torch.testing.assert_close(vec.z, col.z[:, 0], rtol=0, atol=0)
