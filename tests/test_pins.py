@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
+import warnings
 
 import pytest
 import torch
@@ -609,3 +610,29 @@ def test_a_scalar_z0_is_refused_and_a_vector_is_a_batch_of_scalars():
     col = solve(torch.cos, torch.zeros(3, 1, dtype=F64), tol=1e-12, max_iter=100)
     assert vec.z.shape == (3,) and vec.converged.all()
     torch.testing.assert_close(vec.z, col.z[:, 0], rtol=0, atol=0)
+
+
+def test_backward_warnings_follow_the_failed_and_diverged_schedules():
+    """Warned at the 1st, 2nd, 4th, ... failed backward solve, and at the 1st, 2nd, 4th, ... diverged one:
+    failures 1 (diverged), 2, 3, 4, 5 (diverged, the 2nd) warn at 1, 2, 4 and 5, not at 3."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = 1.5
+
+        def forward(self, z, x):
+            return self.a * z + x
+
+    cell = Scaled()
+    layer = DEQLayer(cell, solver="broyden", tol=1e-10, max_iter=20,
+                     backward=Implicit(solver=FixedPoint(), max_iter=5, on_divergence="zero"))
+    warned = []
+    for a in (1.5, 0.99, 0.99, 0.99, 1.5):  # 1.5: the adjoint iteration diverges; 0.99: too slow for 5 steps
+        cell.a = a
+        x = torch.ones(2, 3, dtype=F64, requires_grad=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer(x).sum().backward()
+        warned.append(sum("backward solve" in str(w.message) for w in caught))
+    assert warned == [1, 1, 0, 1, 1]
+    assert (layer.counts.backward.failed, layer.counts.backward.diverged) == (5, 2)
