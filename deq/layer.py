@@ -330,7 +330,7 @@ class DEQLayer(nn.Module):
         self.eval_tol = tol if eval_tol is None else eval_tol
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
         _check_budget(tol, max_iter, stop_mode, atol)
-        _check_budget(self.eval_tol, self.eval_max_iter, stop_mode, atol)
+        _check_budget(self.eval_tol, self.eval_max_iter, stop_mode)  # atol: checked once, above
         if on_nonconvergence not in POLICIES:
             raise ValueError(f"unknown on_nonconvergence {on_nonconvergence!r}; known: {', '.join(POLICIES)}")
         self.tol, self.max_iter, self.stop_mode, self.atol = tol, max_iter, stop_mode, float(atol)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deq import JFB, NPG, UPG, DEQLayer, Implicit, solve
 from deq.layer import _Call, select_rows
@@ -636,3 +637,59 @@ def test_backward_warnings_follow_the_failed_and_diverged_schedules():
         warned.append(sum("backward solve" in str(w.message) for w in caught))
     assert warned == [1, 1, 0, 1, 1]
     assert (layer.counts.backward.failed, layer.counts.backward.diverged) == (5, 2)
+
+
+# ----------------------------------------------------------------------------
+# DEQLayer's own options: defaults, checks at construction, what reaches solve.
+
+
+def test_deq_layer_defaults_and_construction_checks():
+    layer = DEQLayer(lambda z, x: z)
+    assert (layer.tol, layer.max_iter, layer.last_result) == (1e-4, 30, None)
+    for bad in (dict(stop_mode="abs", atol=1e-3), dict(atol=-1.0), dict(eval_tol=1e-3, atol=float("nan"))):
+        with pytest.raises(ValueError, match="atol"):
+            DEQLayer(lambda z, x: z, **bad)
+    assert DEQLayer(lambda z, x: z, check_every="auto").check_every == "auto"
+
+
+def test_deq_layer_passes_stop_mode_and_per_call_budgets_in_abs_mode():
+    x = torch.linspace(-1, 1, 6, dtype=F64).view(2, 3)
+    layer = DEQLayer(lambda z, x: torch.tanh(0.5 * z + x), stop_mode="abs", tol=1e-9, max_iter=60,
+                     on_nonconvergence="ignore")
+    layer(x)
+    assert layer.last_result.stop_mode == "abs" and layer.last_result.converged.all()
+    layer(x, max_iter=3)  # a per-call budget is checked with the layer's (abs) stop mode and no atol
+    assert layer.last_result.n_iter == 3
+
+
+def test_deq_layer_without_compact_accepts_an_x_that_broadcasts_over_the_batch():
+    x = torch.tensor([[0.1, -0.2, 0.3]], dtype=F64)  # (1, D) against a (4, D) state
+    z = DEQLayer(lambda z, x: torch.tanh(0.5 * z + x), tol=1e-10, max_iter=60)(x, torch.zeros(4, 3, dtype=F64))
+    torch.testing.assert_close(z, z[:1].expand(4, 3), rtol=0, atol=0)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts device-to-host reads (``.item()``, ``.tolist()``, ``bool(tensor)``: ``aten._local_scalar_dense``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_check_every_auto_is_one_on_the_cpu():
+    """On the CPU "auto" checks every iteration: the syncs, iterations and trace of check_every=1."""
+    rates = torch.linspace(0.5, 0.97, 5, dtype=F64)[:, None]
+    f = lambda z: rates * torch.tanh(z) + 0.3  # noqa: E731 - contraction rates 0.5 .. 0.97 per sample
+    runs = {}
+    for every in ("auto", 1, "adaptive"):
+        with _HostSyncs() as syncs:
+            res = solve(f, torch.zeros(5, 2, dtype=F64), solver="fixed_point", tol=1e-8, max_iter=500,
+                        check_every=every)
+        runs[every] = (res, syncs.count)
+    (auto, n_auto), (one, n_one), (adaptive, n_adaptive) = runs.values()
+    assert n_auto == n_one > n_adaptive and auto.n_iter == one.n_iter
+    assert torch.equal(auto.trace, one.trace)
